@@ -1,0 +1,140 @@
+"""Paged attention over a step batch: the plan is built once per step, applied in every layer.
+
+This is the one place attention is computed, so a faster kernel (a GPU one) replaces
+`paged_attention` without touching the model. Requests split into two groups:
+- decodes (one input token, no custom mask) run together as one padded batch;
+- every other request (prefill, chunked prefill, custom mask) runs on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from workers.errors import InvalidRequestError
+from workers.kv_cache import PagedKVCache
+from workers.step_types import StepBatch
+
+
+@dataclass
+class DecodeGroup:
+    token_index: torch.Tensor | None  # [B] rows of the step's tokens; None when they are all of them, in order
+    key_rows: torch.Tensor  # [B * max_kv] flat KV rows of keys, padded
+    mask: torch.Tensor | None  # [B, 1, 1, max_kv] bool, True = attend; None = attend to all
+    batch: int
+    max_kv: int
+
+
+@dataclass
+class RequestAttention:
+    start: int  # first token of the request in the step
+    stop: int  # one past its last token
+    key_rows: torch.Tensor  # [kv_len] flat KV rows of keys
+    mask: torch.Tensor | None  # [1, 1, q_len, kv_len] bool; None = causal with q_len == kv_len
+
+
+@dataclass
+class AttentionPlan:
+    write_key_rows: torch.Tensor  # [num_tokens] where each input token's key goes; values at + page_size
+    page_size: int
+    decode: DecodeGroup | None
+    others: list[RequestAttention]
+
+
+def _kv_slots(batch: StepBatch, i: int, page_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pages, slots) of each KV slot of request i, in sequence order."""
+    pages = batch.kv_page_indices[batch.kv_page_indptr[i]:batch.kv_page_indptr[i + 1]]
+    kv_len = (len(pages) - 1) * page_size + int(batch.kv_last_page_lens[i])
+    seq = np.arange(kv_len)
+    return pages[seq // page_size], seq % page_size
+
+
+def build_plan(batch: StepBatch, kv: PagedKVCache, device: torch.device) -> AttentionPlan:
+    ps = kv.page_size
+    slot_masked = kv.slot_masked.cpu().numpy() if kv.slot_masked.any() else None
+    q_lens = np.diff(batch.qo_indptr)
+    write_rows = np.empty(batch.num_tokens, dtype=np.int64)
+    decode_ids: list[int] = []
+    decode_rows: list[np.ndarray] = []
+    decode_visible: list[np.ndarray | None] = []
+    others: list[RequestAttention] = []
+    for i in range(batch.num_requests):
+        pages, slots = _kv_slots(batch, i, ps)
+        rows = pages * (2 * ps) + slots
+        kv_len, q_len = len(rows), int(q_lens[i])
+        t0, t1 = int(batch.qo_indptr[i]), int(batch.qo_indptr[i + 1])
+        write_rows[t0:t1] = rows[kv_len - q_len:]
+        visible = None if slot_masked is None else ~slot_masked[pages, slots]  # [kv_len]
+        custom = None
+        if batch.custom_mask_indptr is not None and batch.custom_mask_indptr[i + 1] > batch.custom_mask_indptr[i]:
+            m0, m1 = batch.custom_mask_indptr[i], batch.custom_mask_indptr[i + 1]
+            custom = batch.custom_mask[m0:m1].reshape(q_len, kv_len)
+        if q_len == 1 and custom is None:
+            if visible is not None and not visible.any():
+                raise InvalidRequestError("every KV slot it would attend to is masked", i)
+            decode_ids.append(t0)
+            decode_rows.append(rows)
+            decode_visible.append(visible)
+            continue
+        mask = custom
+        if mask is None and (visible is not None or q_len != kv_len):
+            mask = np.tril(np.ones((q_len, kv_len), dtype=bool), k=kv_len - q_len)
+        if visible is not None:
+            mask = mask & visible[None, :]
+        if mask is not None and not mask.any(axis=1).all():
+            raise InvalidRequestError("an input token has every KV slot it would attend to masked", i)
+        others.append(RequestAttention(
+            t0, t1, torch.from_numpy(rows).to(device),
+            None if mask is None else torch.from_numpy(mask).to(device).view(1, 1, q_len, kv_len)))
+    decode = _decode_group(decode_ids, decode_rows, decode_visible, batch.num_tokens, device) if decode_ids else None
+    return AttentionPlan(torch.from_numpy(write_rows).to(device), ps, decode, others)
+
+
+def _decode_group(ids: list[int], rows: list[np.ndarray], visible: list[np.ndarray | None], num_tokens: int,
+                  device: torch.device) -> DecodeGroup:
+    b = len(ids)
+    lens = np.array([len(r) for r in rows])
+    max_kv = int(lens.max())
+    padded = np.zeros((b, max_kv), dtype=np.int64)
+    attend = np.zeros((b, max_kv), dtype=bool)
+    for j, (r, v) in enumerate(zip(rows, visible)):
+        padded[j, :len(r)] = r
+        attend[j, :len(r)] = True if v is None else v
+    mask = None if attend.all() else torch.from_numpy(attend).to(device).view(b, 1, 1, max_kv)
+    in_order = ids == list(range(num_tokens))
+    token_index = None if in_order else torch.tensor(ids, dtype=torch.int64, device=device)
+    return DecodeGroup(token_index, torch.from_numpy(padded.reshape(-1)).to(device), mask, b, max_kv)
+
+
+def write_kv(kv_flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> None:
+    """Store this step's keys and values [num_tokens, kv_heads, head_dim] in their slots."""
+    kv_flat.index_copy_(0, plan.write_key_rows, k)
+    kv_flat.index_copy_(0, plan.write_key_rows + plan.page_size, v)
+
+
+def paged_attention(q: torch.Tensor, kv_flat: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """q [num_tokens, heads, head_dim] over the paged KV of one layer -> [num_tokens, heads, head_dim]."""
+    out = torch.empty_like(q) if plan.others or (plan.decode and plan.decode.token_index is not None) else None
+    ps = plan.page_size
+    d = plan.decode
+    if d is not None:
+        qd = q if d.token_index is None else q.index_select(0, d.token_index)
+        kv_heads, head_dim = kv_flat.shape[1], kv_flat.shape[2]
+        k = kv_flat.index_select(0, d.key_rows).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
+        v = kv_flat.index_select(0, d.key_rows + ps).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd.unsqueeze(2), k, v, attn_mask=d.mask, enable_gqa=True).squeeze(2)
+        if out is None:
+            return o
+        if d.token_index is None:
+            out.copy_(o)
+        else:
+            out.index_copy_(0, d.token_index, o)
+    for r in plan.others:
+        k = kv_flat.index_select(0, r.key_rows).transpose(0, 1).unsqueeze(0)
+        v = kv_flat.index_select(0, r.key_rows + ps).transpose(0, 1).unsqueeze(0)
+        qr = q[r.start:r.stop].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qr, k, v, attn_mask=r.mask, is_causal=r.mask is None, enable_gqa=True)
+        out[r.start:r.stop] = o.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,70 @@
+"""The executor contract: the only thing layers above workers/ may depend on.
+
+An executor owns a model and its paged KV cache. Callers allocate pages, describe each
+step as a StepBatch (see workers.step_types for the exact semantics) and get a StepOutput
+back. Implementations: TorchExecutor (our model code), and a vLLM-backed one later.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from workers.step_types import StepBatch, StepOutput
+from workers.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    vocab_size: int
+    page_size: int  # token slots per KV page
+    num_pages: int  # total KV pages of this executor
+    max_position: int  # positions are in [0, max_position)
+    stop_token_ids: tuple[int, ...]
+    dtype: str  # "bf16" or "fp32"
+    device: str
+
+
+class Executor(ABC):
+    """One model on one device. Not thread-safe: one caller (the worker's batcher) drives it."""
+
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Tokenizer: ...
+
+    @abstractmethod
+    def allocate_pages(self, n: int) -> list[int] | None:
+        """n fresh pages (slot masks cleared), or None when fewer than n are free."""
+
+    @abstractmethod
+    def free_pages(self, pages: list[int]) -> None:
+        """Give pages back; raises PageStateError for a page that is not allocated."""
+
+    @property
+    @abstractmethod
+    def num_free_pages(self) -> int: ...
+
+    @abstractmethod
+    def step(self, batch: StepBatch) -> StepOutput:
+        """Run one batched forward pass: write the inputs' KV, attend, sample at the outputs.
+
+        Raises InvalidRequestError naming the request when the batch is malformed, before
+        any KV is written. On success returns one OutputResult per output position.
+        """
+
+    @abstractmethod
+    def copy_slots(self, src_page: int, dst_page: int, src_start: int, dst_start: int, length: int) -> None:
+        """Copy `length` token slots (K, V and mask bits) from one page to another."""
+
+    @abstractmethod
+    def mask_slots(self, page: int, masked: list[bool]) -> None:
+        """Hide (True) or show (False) each token slot of a page to all later attention."""
+
+    @abstractmethod
+    def check_idle_invariant(self) -> None:
+        """Raise PageStateError unless free + allocated pages == total."""

@@ -1,0 +1,73 @@
+"""Paged KV storage: per layer `[num_pages, 2, page_size, num_kv_heads, head_dim]`, and a slot mask.
+
+Addressing: a (page, slot) pair is a row of the flattened layer view
+`[num_pages * 2 * page_size, num_kv_heads, head_dim]`; keys of page p start at row
+`2 * p * page_size`, values at `(2 * p + 1) * page_size`.
+"""
+from __future__ import annotations
+
+import torch
+
+from workers.errors import InvalidRequestError
+from workers.model_config import ModelConfig
+
+
+def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one page takes across all layers (keys and values)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return config.num_layers * 2 * page_size * config.num_kv_heads * config.head_dim * elem
+
+
+def pages_for_budget(config: ModelConfig, page_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
+    n = budget_bytes // page_bytes(config, page_size, dtype)
+    if n < 1:
+        raise ValueError(
+            f"a KV budget of {budget_bytes} bytes holds no page of {page_bytes(config, page_size, dtype)} bytes; raise it")
+    return int(n)
+
+
+class PagedKVCache:
+    def __init__(self, config: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device):
+        self.num_pages = num_pages
+        self.page_size = page_size
+        shape = (num_pages, 2, page_size, config.num_kv_heads, config.head_dim)
+        self.layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        # True where a slot is masked out: no query sees it
+        self.slot_masked = torch.zeros((num_pages, page_size), dtype=torch.bool, device=device)
+
+    def flat(self, layer: int) -> torch.Tensor:
+        """[num_pages * 2 * page_size, num_kv_heads, head_dim] view of one layer."""
+        t = self.layers[layer]
+        return t.view(-1, t.shape[-2], t.shape[-1])
+
+    def key_rows(self, pages: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Flat row of the key at (pages[i], slots[i]); the value row is this + page_size."""
+        return pages * (2 * self.page_size) + slots
+
+    def _check_range(self, page: int, start: int, length: int, what: str) -> None:
+        if not 0 <= page < self.num_pages:
+            raise InvalidRequestError(f"{what} page {page} is out of range [0, {self.num_pages})")
+        if length < 0 or start < 0 or start + length > self.page_size:
+            raise InvalidRequestError(
+                f"{what} slots [{start}, {start + length}) do not fit a page of {self.page_size}")
+
+    def copy_slots(self, src_page: int, dst_page: int, src_start: int, dst_start: int, length: int) -> None:
+        """Copy `length` token slots (keys, values and mask bits) between pages, in every layer."""
+        self._check_range(src_page, src_start, length, "source")
+        self._check_range(dst_page, dst_start, length, "destination")
+        for t in self.layers:
+            t[dst_page, :, dst_start:dst_start + length] = t[src_page, :, src_start:src_start + length].clone()
+        self.slot_masked[dst_page, dst_start:dst_start + length] = \
+            self.slot_masked[src_page, src_start:src_start + length].clone()
+
+    def set_slot_mask(self, page: int, masked: list[bool]) -> None:
+        """Mask (True) or unmask (False) each slot of a page for all later attention."""
+        if len(masked) != self.page_size:
+            raise InvalidRequestError(f"slot mask has {len(masked)} entries; a page has {self.page_size} slots")
+        self._check_range(page, 0, self.page_size, "masked")
+        self.slot_masked[page] = torch.tensor(masked, dtype=torch.bool, device=self.slot_masked.device)
+
+    def reset_pages(self, pages: list[int]) -> None:
+        """Clear the slot masks of pages being handed out anew."""
+        if pages:
+            self.slot_masked[torch.tensor(pages, device=self.slot_masked.device)] = False

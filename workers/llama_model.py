@@ -1,0 +1,103 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM) over a paged KV cache.
+
+Plain tensors, no nn.Module: Q, K and V are fused into one matrix, gate and up into another,
+so a layer is a handful of large matmuls plus attention. The math follows Hugging Face's
+implementations (RMSNorm, rotate-half RoPE, SiLU-gated MLP), so their outputs are the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from workers.attention import AttentionPlan, paged_attention, write_kv
+from workers.errors import ModelLoadError
+from workers.kv_cache import PagedKVCache
+from workers.model_config import ModelConfig
+from workers.rope import RotaryTable
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor | None  # [(heads + 2 * kv_heads) * head_dim]
+    q_norm: torch.Tensor | None  # [head_dim] (Qwen3)
+    k_norm: torch.Tensor | None  # [head_dim] (Qwen3)
+    o: torch.Tensor  # [hidden, heads * head_dim]
+    mlp_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+def _take(weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    try:
+        return weights[name]
+    except KeyError:
+        raise ModelLoadError(f"the checkpoint has no tensor {name!r}; is it a Llama-family model?") from None
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device):
+        self.config = config
+        self.dtype = dtype
+        cast = lambda t: t.to(device=device, dtype=dtype).contiguous()
+        self.embed = cast(_take(weights, "model.embed_tokens.weight"))
+        if config.tie_word_embeddings or "lm_head.weight" not in weights:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = cast(weights["lm_head.weight"])
+        self.norm = cast(_take(weights, "model.norm.weight"))
+        self.layers = [self._layer(weights, i, cast) for i in range(config.num_layers)]
+        self.rope = RotaryTable(config, dtype, device)
+
+    def _layer(self, w: dict[str, torch.Tensor], i: int, cast) -> LayerWeights:
+        p = f"model.layers.{i}."
+        attn = p + "self_attn."
+        qkv_bias = None
+        if self.config.qkv_bias:
+            qkv_bias = cast(torch.cat([_take(w, f"{attn}{x}_proj.bias") for x in "qkv"]))
+        return LayerWeights(
+            attn_norm=cast(_take(w, p + "input_layernorm.weight")),
+            qkv=cast(torch.cat([_take(w, f"{attn}{x}_proj.weight") for x in "qkv"])),
+            qkv_bias=qkv_bias,
+            q_norm=cast(_take(w, attn + "q_norm.weight")) if self.config.qk_norm else None,
+            k_norm=cast(_take(w, attn + "k_norm.weight")) if self.config.qk_norm else None,
+            o=cast(_take(w, attn + "o_proj.weight")),
+            mlp_norm=cast(_take(w, p + "post_attention_layernorm.weight")),
+            gate_up=cast(torch.cat([_take(w, p + "mlp.gate_proj.weight"), _take(w, p + "mlp.up_proj.weight")])),
+            down=cast(_take(w, p + "mlp.down_proj.weight")),
+        )
+
+    def forward(self, token_ids: torch.Tensor, position_ids: torch.Tensor, plan: AttentionPlan,
+                kv: PagedKVCache, output_indices: torch.Tensor) -> torch.Tensor:
+        """Run the step; return float32 logits [num_outputs, vocab] at `output_indices` only."""
+        c = self.config
+        eps = c.rms_norm_eps
+        n_q, n_kv, d = c.num_heads, c.num_kv_heads, c.head_dim
+        t = token_ids.shape[0]
+        cos, sin = self.rope.lookup(position_ids)
+        x = F.embedding(token_ids, self.embed)
+        for i, lw in enumerate(self.layers):
+            h = F.rms_norm(x, (c.hidden_size,), lw.attn_norm, eps)
+            qkv = F.linear(h, lw.qkv, lw.qkv_bias)
+            v = qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d)
+            if lw.q_norm is None:
+                qk = self.rope.apply(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)
+                q, k = qk[:, :n_q], qk[:, n_q:]
+            else:
+                q = F.rms_norm(qkv[:, :n_q * d].view(t, n_q, d), (d,), lw.q_norm, eps)
+                k = F.rms_norm(qkv[:, n_q * d:(n_q + n_kv) * d].view(t, n_kv, d), (d,), lw.k_norm, eps)
+                q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+            kv_flat = kv.flat(i)
+            write_kv(kv_flat, k, v, plan)
+            attn = paged_attention(q, kv_flat, plan)
+            x = x + F.linear(attn.reshape(t, n_q * d), lw.o)
+            h = F.rms_norm(x, (c.hidden_size,), lw.mlp_norm, eps)
+            gu = F.linear(h, lw.gate_up)
+            f = c.intermediate_size
+            x = x + F.linear(F.silu(gu[:, :f]) * gu[:, f:], lw.down)
+        h = F.rms_norm(x.index_select(0, output_indices), (c.hidden_size,), self.norm, eps)
+        return F.linear(h, self.lm_head).float()

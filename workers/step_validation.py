@@ -1,0 +1,126 @@
+"""Checks a StepBatch before it reaches the model; every error names the request at fault."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from workers.errors import InvalidRequestError
+from workers.step_types import Sampler, StepBatch
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    num_pages: int  # page ids are in [0, num_pages)
+    page_size: int  # slots per page
+    vocab_size: int
+    max_position: int  # positions are in [0, max_position)
+
+
+def _check_indptr(name: str, indptr: np.ndarray, total: int, num_requests: int) -> None:
+    if indptr.ndim != 1 or len(indptr) != num_requests + 1:
+        raise InvalidRequestError(f"{name} must have num_requests + 1 = {num_requests + 1} entries, has {len(indptr)}")
+    if indptr[0] != 0 or indptr[-1] != total:
+        raise InvalidRequestError(f"{name} must start at 0 and end at {total}, got [{indptr[0]} .. {indptr[-1]}]")
+    steps = np.diff(indptr)
+    if (steps < 0).any():
+        raise InvalidRequestError(f"{name} decreases", int(np.argmax(steps < 0)))
+
+
+def validate_batch(batch: StepBatch, limits: StepLimits) -> None:
+    """Raise InvalidRequestError for the first malformed request; return None if the batch is sound."""
+    n = batch.num_requests
+    if n < 0:
+        raise InvalidRequestError("qo_indptr is empty: a batch needs num_requests + 1 offsets")
+    if len(batch.position_ids) != batch.num_tokens:
+        raise InvalidRequestError(
+            f"position_ids has {len(batch.position_ids)} entries for {batch.num_tokens} tokens")
+    _check_indptr("qo_indptr", batch.qo_indptr, batch.num_tokens, n)
+    _check_indptr("kv_page_indptr", batch.kv_page_indptr, len(batch.kv_page_indices), n)
+    if len(batch.kv_last_page_lens) != n:
+        raise InvalidRequestError(f"kv_last_page_lens has {len(batch.kv_last_page_lens)} entries for {n} requests")
+    q_lens = np.diff(batch.qo_indptr)
+    num_pages = np.diff(batch.kv_page_indptr)
+    kv_lens = np.maximum(num_pages - 1, 0) * limits.page_size + batch.kv_last_page_lens
+    for i in range(n):
+        _check_request(batch, limits, i, int(q_lens[i]), int(num_pages[i]), int(kv_lens[i]))
+    _check_outputs(batch, limits, q_lens)
+
+
+def _check_request(batch: StepBatch, limits: StepLimits, i: int, q_len: int, num_pages: int, kv_len: int) -> None:
+    t0, t1 = batch.qo_indptr[i], batch.qo_indptr[i + 1]
+    p0, p1 = batch.kv_page_indptr[i], batch.kv_page_indptr[i + 1]
+    if q_len == 0:
+        raise InvalidRequestError("has no input tokens", i)
+    if num_pages == 0:
+        raise InvalidRequestError("has no KV pages", i)
+    last = int(batch.kv_last_page_lens[i])
+    if not 1 <= last <= limits.page_size:
+        raise InvalidRequestError(f"kv_last_page_len {last} is outside [1, page_size={limits.page_size}]", i)
+    if kv_len < q_len:
+        raise InvalidRequestError(
+            f"its pages hold {kv_len} slots, fewer than its {q_len} input tokens", i)
+    pages = batch.kv_page_indices[p0:p1]
+    bad = pages[(pages < 0) | (pages >= limits.num_pages)]
+    if len(bad):
+        raise InvalidRequestError(f"page id {int(bad[0])} is out of range [0, {limits.num_pages})", i)
+    if len(np.unique(pages)) != len(pages):
+        raise InvalidRequestError("lists the same page twice in its KV sequence", i)
+    tokens = batch.token_ids[t0:t1]
+    bad = tokens[(tokens < 0) | (tokens >= limits.vocab_size)]
+    if len(bad):
+        raise InvalidRequestError(f"token id {int(bad[0])} is outside the vocabulary [0, {limits.vocab_size})", i)
+    positions = batch.position_ids[t0:t1]
+    bad = positions[(positions < 0) | (positions >= limits.max_position)]
+    if len(bad):
+        raise InvalidRequestError(
+            f"position {int(bad[0])} is beyond the model's context [0, {limits.max_position})", i)
+    if batch.custom_mask_indptr is not None:
+        if len(batch.custom_mask_indptr) != batch.num_requests + 1:
+            raise InvalidRequestError("custom_mask_indptr must have num_requests + 1 entries")
+        m0, m1 = int(batch.custom_mask_indptr[i]), int(batch.custom_mask_indptr[i + 1])
+        if m1 != m0 and m1 - m0 != q_len * kv_len:
+            raise InvalidRequestError(
+                f"attention mask has {m1 - m0} entries; it must be q_len x kv_len = {q_len} x {kv_len}", i)
+        if m1 != m0:
+            rows = batch.custom_mask[m0:m1].reshape(q_len, kv_len)
+            if not rows.any(axis=1).all():
+                raise InvalidRequestError("attention mask leaves an input token with nothing to attend to", i)
+
+
+def _check_outputs(batch: StepBatch, limits: StepLimits, q_lens: np.ndarray) -> None:
+    outs = batch.output_token_indices
+    if len(outs) != len(batch.samplers):
+        raise InvalidRequestError(f"{len(outs)} output positions but {len(batch.samplers)} samplers")
+    for j, (index, sampler) in enumerate(zip(outs, batch.samplers)):
+        if not 0 <= index < batch.num_tokens:
+            raise InvalidRequestError(f"output index {int(index)} is outside the batch's {batch.num_tokens} tokens")
+        request = int(np.searchsorted(batch.qo_indptr, index, side="right") - 1)
+        _check_sampler(sampler, limits, request)
+
+
+def _check_sampler(s: Sampler, limits: StepLimits, request: int) -> None:
+    if s.kind not in Sampler.KINDS:
+        raise InvalidRequestError(f"sampler kind {s.kind!r} is not one of {Sampler.KINDS}", request)
+    if s.kind in ("sample", "distribution") and not s.temperature > 0:
+        raise InvalidRequestError(f"temperature must be > 0, got {s.temperature}", request)
+    if s.top_k < 0 or (s.kind == "distribution" and not 1 <= s.top_k <= limits.vocab_size):
+        raise InvalidRequestError(f"top_k {s.top_k} is invalid (distribution needs 1..vocab_size)", request)
+    if not 0 < s.top_p <= 1:
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {s.top_p}", request)
+    if not 0 <= s.min_p <= 1:
+        raise InvalidRequestError(f"min_p must be in [0, 1], got {s.min_p}", request)
+    if s.kind == "logprobs":
+        if not s.token_ids:
+            raise InvalidRequestError("a logprobs sampler needs token_ids", request)
+        bad = [t for t in s.token_ids if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logprobs token id {bad[0]} is outside the vocabulary", request)
+    if s.allowed is not None:
+        allowed = np.asarray(s.allowed)
+        if allowed.dtype != bool or allowed.shape != (limits.vocab_size,):
+            raise InvalidRequestError(
+                f"logit mask must be a bool array of shape ({limits.vocab_size},), got {allowed.dtype} {allowed.shape}",
+                request)
+        if not allowed.any():
+            raise InvalidRequestError("logit mask allows no token", request)
