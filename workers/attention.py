@@ -124,7 +124,10 @@ def paged_attention(q: torch.Tensor, kv_flat: torch.Tensor, plan: AttentionPlan)
         kv_heads, head_dim = kv_flat.shape[1], kv_flat.shape[2]
         k = kv_flat.index_select(0, d.key_rows).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
         v = kv_flat.index_select(0, d.key_rows + ps).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd.unsqueeze(2), k, v, attn_mask=d.mask, enable_gqa=True).squeeze(2)
+        # fold each KV head's query heads into the query-length axis: plain MHA, no GQA expansion
+        groups = qd.shape[1] // kv_heads
+        o = F.scaled_dot_product_attention(qd.view(d.batch, kv_heads, groups, head_dim), k, v, attn_mask=d.mask)
+        o = o.reshape(d.batch, kv_heads * groups, head_dim)
         if out is None:
             return o
         if d.token_index is None:

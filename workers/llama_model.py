@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from workers.attention import AttentionPlan, paged_attention, write_kv
 from workers.errors import ModelLoadError
 from workers.kv_cache import PagedKVCache
+from workers.linear import Linear
 from workers.model_config import ModelConfig
 from workers.rope import RotaryTable
 
@@ -21,14 +22,13 @@ from workers.rope import RotaryTable
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]
-    qkv_bias: torch.Tensor | None  # [(heads + 2 * kv_heads) * head_dim]
+    qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden], bias for Qwen2
     q_norm: torch.Tensor | None  # [head_dim] (Qwen3)
     k_norm: torch.Tensor | None  # [head_dim] (Qwen3)
-    o: torch.Tensor  # [hidden, heads * head_dim]
+    o: Linear  # [hidden, heads * head_dim]
     mlp_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear  # [hidden, intermediate]
 
 
 def _take(weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -45,10 +45,8 @@ class LlamaModel:
         self.dtype = dtype
         cast = lambda t: t.to(device=device, dtype=dtype).contiguous()
         self.embed = cast(_take(weights, "model.embed_tokens.weight"))
-        if config.tie_word_embeddings or "lm_head.weight" not in weights:
-            self.lm_head = self.embed
-        else:
-            self.lm_head = cast(weights["lm_head.weight"])
+        tied = config.tie_word_embeddings or "lm_head.weight" not in weights
+        self.lm_head = Linear(self.embed if tied else cast(weights["lm_head.weight"]))
         self.norm = cast(_take(weights, "model.norm.weight"))
         self.layers = [self._layer(weights, i, cast) for i in range(config.num_layers)]
         self.rope = RotaryTable(config, dtype, device)
@@ -61,14 +59,13 @@ class LlamaModel:
             qkv_bias = cast(torch.cat([_take(w, f"{attn}{x}_proj.bias") for x in "qkv"]))
         return LayerWeights(
             attn_norm=cast(_take(w, p + "input_layernorm.weight")),
-            qkv=cast(torch.cat([_take(w, f"{attn}{x}_proj.weight") for x in "qkv"])),
-            qkv_bias=qkv_bias,
+            qkv=Linear(cast(torch.cat([_take(w, f"{attn}{x}_proj.weight") for x in "qkv"])), qkv_bias),
             q_norm=cast(_take(w, attn + "q_norm.weight")) if self.config.qk_norm else None,
             k_norm=cast(_take(w, attn + "k_norm.weight")) if self.config.qk_norm else None,
-            o=cast(_take(w, attn + "o_proj.weight")),
+            o=Linear(cast(_take(w, attn + "o_proj.weight"))),
             mlp_norm=cast(_take(w, p + "post_attention_layernorm.weight")),
-            gate_up=cast(torch.cat([_take(w, p + "mlp.gate_proj.weight"), _take(w, p + "mlp.up_proj.weight")])),
-            down=cast(_take(w, p + "mlp.down_proj.weight")),
+            gate_up=Linear(cast(torch.cat([_take(w, p + "mlp.gate_proj.weight"), _take(w, p + "mlp.up_proj.weight")]))),
+            down=Linear(cast(_take(w, p + "mlp.down_proj.weight"))),
         )
 
     def forward(self, token_ids: torch.Tensor, position_ids: torch.Tensor, plan: AttentionPlan,
@@ -82,7 +79,7 @@ class LlamaModel:
         x = F.embedding(token_ids, self.embed)
         for i, lw in enumerate(self.layers):
             h = F.rms_norm(x, (c.hidden_size,), lw.attn_norm, eps)
-            qkv = F.linear(h, lw.qkv, lw.qkv_bias)
+            qkv = lw.qkv(h)
             v = qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d)
             if lw.q_norm is None:
                 qk = self.rope.apply(qkv[:, :(n_q + n_kv) * d].view(t, n_q + n_kv, d), cos, sin)
@@ -94,10 +91,10 @@ class LlamaModel:
             kv_flat = kv.flat(i)
             write_kv(kv_flat, k, v, plan)
             attn = paged_attention(q, kv_flat, plan)
-            x = x + F.linear(attn.reshape(t, n_q * d), lw.o)
+            x = x + lw.o(attn.reshape(t, n_q * d))
             h = F.rms_norm(x, (c.hidden_size,), lw.mlp_norm, eps)
-            gu = F.linear(h, lw.gate_up)
+            gu = lw.gate_up(h)
             f = c.intermediate_size
-            x = x + F.linear(F.silu(gu[:, :f]) * gu[:, f:], lw.down)
+            x = x + lw.down(F.silu(gu[:, :f]) * gu[:, f:])
         h = F.rms_norm(x.index_select(0, output_indices), (c.hidden_size,), self.norm, eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()

