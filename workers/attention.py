@@ -53,7 +53,7 @@ def _kv_slots(batch: StepBatch, i: int, page_size: int) -> tuple[np.ndarray, np.
 
 def build_plan(batch: StepBatch, kv: PagedKVCache, device: torch.device) -> AttentionPlan:
     ps = kv.page_size
-    slot_masked = kv.slot_masked.cpu().numpy() if kv.slot_masked.any() else None
+    slot_masked = kv.slot_masked if kv.slot_masked.any() else None
     q_lens = np.diff(batch.qo_indptr)
     write_rows = np.empty(batch.num_tokens, dtype=np.int64)
     decode_ids: list[int] = []

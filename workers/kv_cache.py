@@ -6,6 +6,7 @@ Addressing: a (page, slot) pair is a row of the flattened layer view
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from workers.errors import InvalidRequestError
@@ -32,8 +33,9 @@ class PagedKVCache:
         self.page_size = page_size
         shape = (num_pages, 2, page_size, config.num_kv_heads, config.head_dim)
         self.layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        # True where a slot is masked out: no query sees it
-        self.slot_masked = torch.zeros((num_pages, page_size), dtype=torch.bool, device=device)
+        # True where a slot is masked out: no query sees it. Kept on the host: attention plans
+        # are built there, so reading it never synchronizes with the device
+        self.slot_masked = np.zeros((num_pages, page_size), dtype=bool)
 
     def flat(self, layer: int) -> torch.Tensor:
         """[num_pages * 2 * page_size, num_kv_heads, head_dim] view of one layer."""
@@ -58,16 +60,15 @@ class PagedKVCache:
         for t in self.layers:
             t[dst_page, :, dst_start:dst_start + length] = t[src_page, :, src_start:src_start + length].clone()
         self.slot_masked[dst_page, dst_start:dst_start + length] = \
-            self.slot_masked[src_page, src_start:src_start + length].clone()
+            self.slot_masked[src_page, src_start:src_start + length].copy()
 
     def set_slot_mask(self, page: int, masked: list[bool]) -> None:
         """Mask (True) or unmask (False) each slot of a page for all later attention."""
         if len(masked) != self.page_size:
             raise InvalidRequestError(f"slot mask has {len(masked)} entries; a page has {self.page_size} slots")
         self._check_range(page, 0, self.page_size, "masked")
-        self.slot_masked[page] = torch.tensor(masked, dtype=torch.bool, device=self.slot_masked.device)
+        self.slot_masked[page] = np.asarray(masked, dtype=bool)
 
     def reset_pages(self, pages: list[int]) -> None:
         """Clear the slot masks of pages being handed out anew."""
-        if pages:
-            self.slot_masked[torch.tensor(pages, device=self.slot_masked.device)] = False
+        self.slot_masked[pages] = False
