@@ -60,7 +60,7 @@ def bench_executor(model: LoadedModel, dtype: str, batches: list[int], tokens: i
         rate = _decode_rate(lambda n: generate(ex, prompts, n, stop_token_ids=()), b, tokens)
         rows.append({"system": "pie-torch", "dtype": dtype, "batch": b, "decode_tok_s": rate, "prefill_tok_s": None})
     ids = _prefill_ids()
-    pages = ex.allocate_pages(PREFILL_LEN // ex.info.page_size + 1)
+    pages = ex.allocate_pages(-(-PREFILL_LEN // ex.info.page_size))
     last = PREFILL_LEN - (len(pages) - 1) * ex.info.page_size
     batch = pack_batch([ForwardRequest(token_ids=ids, position_ids=np.arange(PREFILL_LEN),
                                        kv_page_indices=np.array(pages), kv_last_page_len=last,

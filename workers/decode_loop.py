@@ -48,7 +48,7 @@ def generate(executor: Executor, prompts: list[list[int]], max_new_tokens: int,
     Returns the generated ids per prompt (the stop token included when one ended it).
     """
     stops = set(executor.info.stop_token_ids if stop_token_ids is None else stop_token_ids)
-    seqs = [Sequence(tokens=list(p), pending=list(p)) for p in prompts]
+    seqs = [Sequence(tokens=list(p), pending=list(p), done=max_new_tokens <= 0) for p in prompts]
     try:
         while True:
             live = [s for s in seqs if not s.done]

@@ -151,8 +151,14 @@ def read_gguf(path: str, name: str, progress: ProgressFn = no_progress):
     progress(f"reading {path}", 0, 0)
     try:
         reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read GGUF file {path}: {e}") from e
-    config = read_config(reader, name)
-    return config, read_weights(reader, config, progress), read_tokenizer(reader)
+    except Exception as e:  # the gguf package raises IndexError, ValueError, ... on truncated files
+        raise ModelLoadError(f"cannot read GGUF file {path} ({type(e).__name__}: {e}); is it complete?") from e
+    try:
+        config = read_config(reader, name)
+        tokenizer = read_tokenizer(reader)
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # missing or mistyped metadata
+        raise ModelLoadError(f"GGUF file {path} has missing or malformed metadata ({type(e).__name__}: {e})") from e
+    return config, read_weights(reader, config, progress), tokenizer
 

@@ -51,21 +51,29 @@ class LlamaModel:
         self.layers = [self._layer(weights, i, cast) for i in range(config.num_layers)]
         self.rope = RotaryTable(config, dtype, device)
 
+    @staticmethod
+    def _bias(w: dict[str, torch.Tensor], names: str | tuple[str, ...], cast) -> torch.Tensor | None:
+        """The bias (concatenated, for fused projections) when the checkpoint has one."""
+        names = (names,) if isinstance(names, str) else names
+        present = [n in w for n in names]
+        if not any(present):
+            return None
+        return cast(torch.cat([_take(w, n) for n in names]))
+
     def _layer(self, w: dict[str, torch.Tensor], i: int, cast) -> LayerWeights:
         p = f"model.layers.{i}."
         attn = p + "self_attn."
-        qkv_bias = None
-        if self.config.qkv_bias:
-            qkv_bias = cast(torch.cat([_take(w, f"{attn}{x}_proj.bias") for x in "qkv"]))
+        qkv_bias = self._bias(w, tuple(f"{attn}{x}_proj.bias" for x in "qkv"), cast) if self.config.qkv_bias else None
         return LayerWeights(
             attn_norm=cast(_take(w, p + "input_layernorm.weight")),
             qkv=Linear(cast(torch.cat([_take(w, f"{attn}{x}_proj.weight") for x in "qkv"])), qkv_bias),
             q_norm=cast(_take(w, attn + "q_norm.weight")) if self.config.qk_norm else None,
             k_norm=cast(_take(w, attn + "k_norm.weight")) if self.config.qk_norm else None,
-            o=Linear(cast(_take(w, attn + "o_proj.weight"))),
+            o=Linear(cast(_take(w, attn + "o_proj.weight")), self._bias(w, attn + "o_proj.bias", cast)),
             mlp_norm=cast(_take(w, p + "post_attention_layernorm.weight")),
-            gate_up=Linear(cast(torch.cat([_take(w, p + "mlp.gate_proj.weight"), _take(w, p + "mlp.up_proj.weight")]))),
-            down=Linear(cast(_take(w, p + "mlp.down_proj.weight"))),
+            gate_up=Linear(cast(torch.cat([_take(w, p + "mlp.gate_proj.weight"), _take(w, p + "mlp.up_proj.weight")])),
+                           self._bias(w, (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"), cast)),
+            down=Linear(cast(_take(w, p + "mlp.down_proj.weight")), self._bias(w, p + "mlp.down_proj.bias", cast)),
         )
 
     def forward(self, token_ids: torch.Tensor, position_ids: torch.Tensor, plan: AttentionPlan,

@@ -77,6 +77,12 @@ class ModelConfig:
         if d.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"activation {d['hidden_act']!r} is not supported (silu only)")
         heads = d["num_attention_heads"]
+        max_position = int(d.get("max_position_embeddings", 4096))
+        window = d.get("sliding_window")
+        if window and (model_type == "mistral" or d.get("use_sliding_window")):
+            # full attention equals sliding-window attention while a sequence fits the window;
+            # we do not mask by window, so sequences may not grow past it
+            max_position = min(max_position, int(window))
         rope_theta = d.get("rope_theta")
         rope_scaling = d.get("rope_scaling")
         rope_params = d.get("rope_parameters")  # transformers >= 5 nests rope settings here
@@ -97,7 +103,7 @@ class ModelConfig:
             vocab_size=d["vocab_size"],
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            max_position=int(d.get("max_position_embeddings", 4096)),
+            max_position=max_position,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
             qk_norm=model_type == "qwen3",

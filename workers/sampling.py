@@ -65,7 +65,7 @@ def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _top_k_draw(probs: torch.Tensor, samplers: list[Sampler], u: torch.Tensor) -> torch.Tensor:
     """Rows with top_k > 0: top-p and min-p among the k most likely, then a draw."""
-    width = max(s.top_k for s in samplers)
+    width = min(max(s.top_k for s in samplers), probs.shape[-1])  # a top_k beyond the vocabulary keeps it all
     vals, ids = torch.topk(probs, width, dim=-1)  # most likely first
     device = probs.device
     k = torch.tensor([s.top_k for s in samplers], device=device).unsqueeze(1)

@@ -37,6 +37,10 @@ def validate_batch(batch: StepBatch, limits: StepLimits) -> None:
             f"position_ids has {len(batch.position_ids)} entries for {batch.num_tokens} tokens")
     _check_indptr("qo_indptr", batch.qo_indptr, batch.num_tokens, n)
     _check_indptr("kv_page_indptr", batch.kv_page_indptr, len(batch.kv_page_indices), n)
+    if batch.custom_mask_indptr is not None:
+        if batch.custom_mask is None:
+            raise InvalidRequestError("custom_mask_indptr is set but custom_mask is missing")
+        _check_indptr("custom_mask_indptr", batch.custom_mask_indptr, len(batch.custom_mask), n)
     if len(batch.kv_last_page_lens) != n:
         raise InvalidRequestError(f"kv_last_page_lens has {len(batch.kv_last_page_lens)} entries for {n} requests")
     q_lens = np.diff(batch.qo_indptr)
@@ -76,8 +80,6 @@ def _check_request(batch: StepBatch, limits: StepLimits, i: int, q_len: int, num
         raise InvalidRequestError(
             f"position {int(bad[0])} is beyond the model's context [0, {limits.max_position})", i)
     if batch.custom_mask_indptr is not None:
-        if len(batch.custom_mask_indptr) != batch.num_requests + 1:
-            raise InvalidRequestError("custom_mask_indptr must have num_requests + 1 entries")
         m0, m1 = int(batch.custom_mask_indptr[i]), int(batch.custom_mask_indptr[i + 1])
         if m1 != m0 and m1 - m0 != q_len * kv_len:
             raise InvalidRequestError(

@@ -48,7 +48,7 @@ def load(key: str) -> tuple[ModelConfig, dict[str, torch.Tensor], TokenizerSpec]
         with open(os.path.join(d, "tokenizer.json")) as f, open(os.path.join(d, "tokenizer_meta.json")) as g:
             tokenizer = TokenizerSpec.from_json(g.read(), f.read())
         weights = load_file(os.path.join(d, "model.safetensors"))
-    except (OSError, ValueError, KeyError):
+    except Exception:  # missing, truncated or from another version: convert again
         return None
     return config, weights, tokenizer
 
