@@ -116,24 +116,15 @@ def write_kv(kv_flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Atte
 
 def paged_attention(q: torch.Tensor, kv_flat: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """q [num_tokens, heads, head_dim] over the paged KV of one layer -> [num_tokens, heads, head_dim]."""
-    out = torch.empty_like(q) if plan.others or (plan.decode and plan.decode.token_index is not None) else None
     ps = plan.page_size
     d = plan.decode
     if d is not None:
-        qd = q if d.token_index is None else q.index_select(0, d.token_index)
-        kv_heads, head_dim = kv_flat.shape[1], kv_flat.shape[2]
-        k = kv_flat.index_select(0, d.key_rows).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
-        v = kv_flat.index_select(0, d.key_rows + ps).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
-        # fold each KV head's query heads into the query-length axis: plain MHA, no GQA expansion
-        groups = qd.shape[1] // kv_heads
-        o = F.scaled_dot_product_attention(qd.view(d.batch, kv_heads, groups, head_dim), k, v, attn_mask=d.mask)
-        o = o.reshape(d.batch, kv_heads * groups, head_dim)
-        if out is None:
+        o = _decode_attention(q if d.token_index is None else q.index_select(0, d.token_index), kv_flat, d, ps)
+        if d.token_index is None:  # every token is a decode, in order
             return o
-        if d.token_index is None:
-            out.copy_(o)
-        else:
-            out.index_copy_(0, d.token_index, o)
+    out = torch.empty_like(q)
+    if d is not None:
+        out.index_copy_(0, d.token_index, o)
     for r in plan.others:
         k = kv_flat.index_select(0, r.key_rows).transpose(0, 1).unsqueeze(0)
         v = kv_flat.index_select(0, r.key_rows + ps).transpose(0, 1).unsqueeze(0)
@@ -141,3 +132,14 @@ def paged_attention(q: torch.Tensor, kv_flat: torch.Tensor, plan: AttentionPlan)
         o = F.scaled_dot_product_attention(qr, k, v, attn_mask=r.mask, is_causal=r.mask is None, enable_gqa=True)
         out[r.start:r.stop] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, kv_flat: torch.Tensor, d: DecodeGroup, ps: int) -> torch.Tensor:
+    """q [batch, heads, head_dim], one token per request, over each request's padded KV rows."""
+    kv_heads, head_dim = kv_flat.shape[1], kv_flat.shape[2]
+    k = kv_flat.index_select(0, d.key_rows).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
+    v = kv_flat.index_select(0, d.key_rows + ps).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
+    # fold each KV head's query heads into the query-length axis: plain MHA, no GQA expansion
+    groups = q.shape[1] // kv_heads
+    o = F.scaled_dot_product_attention(q.view(d.batch, kv_heads, groups, head_dim), k, v, attn_mask=d.mask)
+    return o.reshape(d.batch, kv_heads * groups, head_dim)
