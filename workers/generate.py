@@ -15,8 +15,9 @@ from workers.torch_executor import DTYPES, TorchExecutor
 class TextStream:
     """Prints the text of newly generated tokens, holding back an incomplete UTF-8 sequence."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.printed = tokenizer, out, 0
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.printed = tokenizer, 0
+        self.out = out or sys.stdout  # looked up now, not at import: stdout may have been redirected
 
     def __call__(self, live: list[Sequence]) -> None:
         seq = live[0]

@@ -1,0 +1,33 @@
+"""The two command-line tools of workers/: the streaming generator (`make run`) and the benchmark."""
+import json
+
+import pytest
+
+from workers import bench, generate
+
+
+def test_generate_streams_the_answer(capsys, smollm2):
+    generate.main(["--prompt", "What is the capital of France?", "--max-tokens", "12", "--dtype", "fp32"])
+    out = capsys.readouterr().out
+    assert "Paris" in out
+    assert "<|im_end|>" not in out  # stop tokens end the stream, they are not printed
+
+
+def test_generate_rejects_a_bad_token_budget(capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--prompt", "hi", "--max-tokens", "0"])
+    assert "--max-tokens" in capsys.readouterr().err
+
+
+def test_bench_writes_rows_for_both_systems(tmp_path, capsys, smollm2):
+    path = tmp_path / "rows.json"
+    bench.main(["--batches", "1,2", "--dtypes", "bf16", "--tokens", "3", "--json", str(path)])
+    rows = json.loads(path.read_text())
+    assert {tuple(sorted(r)) for r in rows} == {("batch", "decode_tok_s", "dtype", "prefill_tok_s", "system")}
+    for system in ("pie-torch", "transformers"):
+        mine = [r for r in rows if r["system"] == system]
+        assert sorted(r["batch"] for r in mine if r["decode_tok_s"] is not None) == [1, 2]
+        assert [r["prefill_tok_s"] > 0 for r in mine if r["decode_tok_s"] is None] == [True]
+        assert all(r["decode_tok_s"] > 0 for r in mine if r["decode_tok_s"] is not None)
+    table = capsys.readouterr().out
+    assert "pie-torch" in table and "x" in table.split("pie-torch", 1)[1]  # a ratio against transformers
