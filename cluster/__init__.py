@@ -1,0 +1,1 @@
+"""Control plane: building and hosting inferlets, and (later) serving them on Ray."""

@@ -1,0 +1,17 @@
+"""Errors of the inferlet runtime: one base, one subclass per cause."""
+
+
+class InferletError(Exception):
+    """Base of every error the inferlet runtime raises."""
+
+
+class BuildError(InferletError):
+    """An inferlet's source could not be built into a component; the message has its file and line."""
+
+
+class InvalidComponentError(InferletError):
+    """A .wasm file is not a component of the inferlet world (bad bytes, oversized, missing export)."""
+
+
+class InferletFailed(InferletError):
+    """The inferlet ended with an error: its own exception and traceback, a trap, or a limit."""

@@ -1,0 +1,98 @@
+"""The wasmtime side of hosting: one engine, compiled components cached, one store per inferlet.
+
+Each store gets its own limits: linear memory, fuel (CPU: wasm instructions), a wall-clock
+deadline (epochs ticked by one background thread), and an empty WASI context: no
+preopened directory (so no file can be opened), an empty environment, no arguments, no
+stdio, and no network (wasmtime denies every socket address unless told otherwise). The
+guest's interpreter still gets what it needs to run (clocks, randomness, failing file
+calls that Python turns into exceptions rather than traps). Everything else goes through
+the inferlet world's imports.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+from wasmtime import component as wc
+
+from cluster.errors import InvalidComponentError
+from cluster.inferlet_build import cache_dir
+
+EPOCH_TICK_S = 0.01  # the wall-clock deadline's resolution
+MAX_COMPONENT_BYTES = 64 << 20  # a component larger than this is refused before compiling
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int = 256 << 20  # linear memory per inferlet (a Python guest needs ~13 MB to start)
+    fuel: int = 20_000_000_000  # wasm instructions (roughly) an inferlet may execute in all
+    wall_seconds: float = 600.0  # lifetime, counted while it runs wasm
+    max_pages: int = 256  # KV pages held at once
+    max_message_bytes: int = 64 << 10  # one message to the client
+    max_outstanding_passes: int = 64  # submitted, not yet awaited
+
+
+class Sandbox:
+    """Owns the engine and the compiled-component cache (memory and disk)."""
+
+    def __init__(self):
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        config.epoch_interruption = True
+        config.max_wasm_stack = 1 << 20
+        self.engine = wasmtime.Engine(config)
+        self._components: dict[str, wc.Component] = {}
+        self._lock = threading.Lock()
+        self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(EPOCH_TICK_S)
+            self.engine.increment_epoch()
+
+    def new_linker(self) -> wc.Linker:
+        linker = wc.Linker(self.engine)
+        linker.add_wasip2()
+        return linker
+
+    def load(self, wasm_path: str | Path) -> wc.Component:
+        """The compiled component of a .wasm file: from memory, else the machine-code cache, else compiled."""
+        data = Path(wasm_path).read_bytes()
+        if len(data) > MAX_COMPONENT_BYTES:
+            raise InvalidComponentError(f"{wasm_path} is {len(data)} bytes; the limit is {MAX_COMPONENT_BYTES}")
+        key = hashlib.sha256(data).hexdigest()[:32]
+        with self._lock:
+            if key in self._components:
+                return self._components[key]
+        native = cache_dir() / f"{key}.cwasm"
+        component = None
+        if native.exists():
+            try:
+                component = wc.Component.deserialize_file(self.engine, str(native))
+            except wasmtime.WasmtimeError:
+                component = None  # compiled by another wasmtime or config: compile again
+        if component is None:
+            try:
+                component = wc.Component(self.engine, data)
+            except wasmtime.WasmtimeError as e:
+                raise InvalidComponentError(f"{wasm_path} is not a valid WebAssembly component: {e}") from e
+            native.parent.mkdir(parents=True, exist_ok=True)
+            partial = native.with_suffix(".partial")
+            partial.write_bytes(component.serialize())
+            partial.replace(native)
+        with self._lock:
+            self._components[key] = component
+        return component
+
+    def new_store(self, limits: Limits) -> wasmtime.Store:
+        store = wasmtime.Store(self.engine)
+        store.set_wasi(wasmtime.WasiConfig())  # nothing preopened, inherited or allowed
+        store.set_limits(memory_size=limits.memory_bytes)
+        store.set_fuel(limits.fuel)
+        store.set_epoch_deadline(max(1, int(limits.wall_seconds / EPOCH_TICK_S)))
+        return store
