@@ -31,3 +31,22 @@ def test_bench_writes_rows_for_both_systems(tmp_path, capsys, smollm2):
         assert all(r["decode_tok_s"] > 0 for r in mine if r["decode_tok_s"] is not None)
     table = capsys.readouterr().out
     assert "pie-torch" in table and "x" in table.split("pie-torch", 1)[1]  # a ratio against transformers
+
+
+def test_pie_run_prints_what_the_inferlet_sends(capsys, smollm2):
+    from cluster import cli
+
+    example = "inferlets/examples/text_completion.py"
+    assert cli.main(["run", example, "--dtype", "fp32", "--", "--prompt", "What is the capital of France?",
+                     "--max-tokens", "12"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_pie_build_writes_the_component_and_reports_errors(tmp_path, capsys):
+    from cluster import cli
+
+    out = tmp_path / "app.wasm"
+    assert cli.main(["build", "inferlets/examples/text_completion.py", "-o", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\0asm"
+    assert cli.main(["build", str(tmp_path / "missing.py")]) == 2
+    assert "is not a Python source file" in capsys.readouterr().err
