@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cluster.errors import BuildError
 from workers.progress import ProgressFn, StderrProgress
+from workers.weight_cache import cache_home
 
 INFERLETS_DIR = Path(__file__).resolve().parent.parent / "inferlets"
 WIT_DIR = INFERLETS_DIR / "wit"
@@ -43,8 +44,7 @@ _RUN_COMPONENTIZE_PY = "import sys; from componentize_py import script; sys.argv
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PIE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pie-cluster")
-    return Path(root) / "inferlets"
+    return Path(cache_home()) / "inferlets"
 
 
 def _tree_files(root: Path) -> list[Path]:

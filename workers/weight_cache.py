@@ -21,9 +21,13 @@ from workers.tokenizer import TokenizerSpec
 CONVERTER_VERSION = 1  # bump when conversion output changes, to invalidate old entries
 
 
+def cache_home() -> str:
+    """Where pie-cluster keeps its caches: $PIE_CACHE_DIR, else ~/.cache/pie-cluster."""
+    return os.environ.get("PIE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pie-cluster")
+
+
 def cache_root() -> str:
-    root = os.environ.get("PIE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pie-cluster")
-    return os.path.join(root, "models")
+    return os.path.join(cache_home(), "models")
 
 
 def source_key(path: str) -> str:
