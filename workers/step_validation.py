@@ -48,7 +48,7 @@ def validate_batch(batch: StepBatch, limits: StepLimits) -> None:
     kv_lens = np.maximum(num_pages - 1, 0) * limits.page_size + batch.kv_last_page_lens
     for i in range(n):
         _check_request(batch, limits, i, int(q_lens[i]), int(num_pages[i]), int(kv_lens[i]))
-    _check_outputs(batch, limits, q_lens)
+    _check_outputs(batch, limits)
 
 
 def _check_request(batch: StepBatch, limits: StepLimits, i: int, q_len: int, num_pages: int, kv_len: int) -> None:
@@ -90,11 +90,11 @@ def _check_request(batch: StepBatch, limits: StepLimits, i: int, q_len: int, num
                 raise InvalidRequestError("attention mask leaves an input token with nothing to attend to", i)
 
 
-def _check_outputs(batch: StepBatch, limits: StepLimits, q_lens: np.ndarray) -> None:
+def _check_outputs(batch: StepBatch, limits: StepLimits) -> None:
     outs = batch.output_token_indices
     if len(outs) != len(batch.samplers):
         raise InvalidRequestError(f"{len(outs)} output positions but {len(batch.samplers)} samplers")
-    for j, (index, sampler) in enumerate(zip(outs, batch.samplers)):
+    for index, sampler in zip(outs, batch.samplers):
         if not 0 <= index < batch.num_tokens:
             raise InvalidRequestError(f"output index {int(index)} is outside the batch's {batch.num_tokens} tokens")
         request = int(np.searchsorted(batch.qo_indptr, index, side="right") - 1)
