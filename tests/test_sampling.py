@@ -68,14 +68,18 @@ def test_seeded_sampling_is_reproducible(ex32, probe, chat_ids):
     assert np.mean(np.array(first) == np.array(other)) >= 0.9
 
 
+def assert_draws_within_top(ex32, tokens, logp, samplers, m: int) -> None:
+    """Every draw is one of the m most likely tokens, and the draws are not all the same."""
+    drawn = set(tokens_of(sample_at(ex32, tokens, samplers)))
+    assert drawn <= set(np.argsort(-logp)[:m].tolist())
+    assert len(drawn) >= 2
+
+
 def test_top_k_samples_stay_in_top_k(ex32, probe):
     tokens, logp = probe
     order = np.argsort(-logp)
     k = next(k for k in range(3, 50) if logp[order[k - 1]] - logp[order[k]] > 1e-3)  # a clear boundary
-    results = sample_at(ex32, tokens, [Sampler("sample", temperature=1.5, top_k=k, seed=s) for s in SEEDS])
-    drawn = set(tokens_of(results))
-    assert drawn <= set(order[:k].tolist())
-    assert len(drawn) >= 2
+    assert_draws_within_top(ex32, tokens, logp, [Sampler("sample", temperature=1.5, top_k=k, seed=s) for s in SEEDS], k)
 
 
 def test_top_p_samples_stay_in_nucleus(ex32, probe):
@@ -85,10 +89,7 @@ def test_top_p_samples_stay_in_nucleus(ex32, probe):
     m = 4  # top_p halfway between the mass of the top 4 and the top 5: exactly 5 tokens survive
     top_p = float(c[m - 1] + c[m]) / 2
     assert p[m] / 2 > 1e-4  # margin to either boundary
-    results = sample_at(ex32, tokens, [Sampler("sample", top_p=top_p, seed=s) for s in SEEDS])
-    drawn = set(tokens_of(results))
-    assert drawn <= set(np.argsort(-logp)[:m + 1].tolist())
-    assert len(drawn) >= 2
+    assert_draws_within_top(ex32, tokens, logp, [Sampler("sample", top_p=top_p, seed=s) for s in SEEDS], m + 1)
 
 
 def test_min_p_drops_unlikely_tokens(ex32, probe):
@@ -97,10 +98,7 @@ def test_min_p_drops_unlikely_tokens(ex32, probe):
     ratio = p / p[0]
     m = next(m for m in range(2, 50) if ratio[m] / ratio[m + 1] > 1.05)  # a clear gap after the m+1 best
     min_p = float(np.sqrt(ratio[m] * ratio[m + 1]))
-    results = sample_at(ex32, tokens, [Sampler("sample", min_p=min_p, seed=s) for s in SEEDS])
-    drawn = set(tokens_of(results))
-    assert drawn <= set(np.argsort(-logp)[:m + 1].tolist())
-    assert len(drawn) >= 2
+    assert_draws_within_top(ex32, tokens, logp, [Sampler("sample", min_p=min_p, seed=s) for s in SEEDS], m + 1)
 
 
 def test_allowed_mask_is_respected_by_every_kind(ex32, probe):
