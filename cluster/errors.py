@@ -15,3 +15,19 @@ class InvalidComponentError(InferletError):
 
 class InferletFailed(InferletError):
     """The inferlet ended with an error: its own exception and traceback, a trap, or a limit."""
+
+
+class GrammarError(InferletError):
+    """A grammar could not be compiled, or a token was fed that the grammar does not allow."""
+
+
+class MessagingError(InferletError):
+    """A message, queue or key-value store operation was refused (size, capacity, bad name)."""
+
+
+class HttpDenied(InferletError):
+    """An inferlet's HTTP request names a host the deployment does not allow."""
+
+
+class HttpFailed(InferletError):
+    """An allowed HTTP request failed: connection error, timeout, or a response over the size limit."""
