@@ -20,12 +20,12 @@ def _build(opts) -> int:
 
 
 def _run(opts) -> int:
-    from cluster.inferlet_runner import InferletRunner
+    from cluster.inferlet_host import InferletHost
     from workers.torch_executor import TorchExecutor
 
     executor = TorchExecutor.load(opts.model, dtype=opts.dtype)
-    runner = InferletRunner(executor)
-    outcome = runner.run(opts.program, opts.args, on_message=lambda m: (sys.stdout.write(m), sys.stdout.flush()))
+    with InferletHost(executor) as host:
+        outcome = host.run(opts.program, opts.args, on_message=lambda m: (sys.stdout.write(m), sys.stdout.flush()))
     print()
     if not outcome.ok:
         print(f"error: {outcome.error}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The wasmtime side of hosting: one engine, compiled components cached, one store per inferlet.
 
-Each store gets its own limits: linear memory, fuel (CPU: wasm instructions), a wall-clock
-deadline (epochs ticked by one background thread), and an empty WASI context: no
+Each store gets its own limits: linear memory and fuel (CPU: wasm instructions); epochs,
+ticked by one background thread, make a computing guest yield its thread to the others (the
+scheduler enforces the wall-clock limit). Each store has an empty WASI context: no
 preopened directory (so no file can be opened), an empty environment, no arguments, no
 stdio, and no network (wasmtime denies every socket address unless told otherwise). The
 guest's interpreter still gets what it needs to run (clocks, randomness, failing file
@@ -22,7 +23,7 @@ from wasmtime import component as wc
 from cluster.errors import InvalidComponentError
 from cluster.inferlet_build import cache_dir
 
-EPOCH_TICK_S = 0.01  # the wall-clock deadline's resolution
+EPOCH_TICK_S = 0.005  # a computing guest yields the scheduler thread this often
 MAX_COMPONENT_BYTES = 64 << 20  # a component larger than this is refused before compiling
 
 
@@ -30,7 +31,8 @@ MAX_COMPONENT_BYTES = 64 << 20  # a component larger than this is refused before
 class Limits:
     memory_bytes: int = 256 << 20  # linear memory per inferlet (a Python guest needs ~13 MB to start)
     fuel: int = 20_000_000_000  # wasm instructions (roughly) an inferlet may execute in all
-    wall_seconds: float = 600.0  # lifetime, counted while it runs wasm
+    wall_seconds: float = 600.0  # lifetime from launch, waiting included
+    max_inbox_messages: int = 256  # client messages not yet received
     max_pages: int = 256  # KV pages held at once
     max_message_bytes: int = 64 << 10  # one message to the client
     max_outstanding_passes: int = 64  # submitted, not yet awaited
@@ -94,5 +96,4 @@ class Sandbox:
         store.set_wasi(wasmtime.WasiConfig())  # nothing preopened, inherited or allowed
         store.set_limits(memory_size=limits.memory_bytes)
         store.set_fuel(limits.fuel)
-        store.set_epoch_deadline(max(1, int(limits.wall_seconds / EPOCH_TICK_S)))
         return store

@@ -13,7 +13,7 @@ import pytest
 
 from cluster.errors import BuildError, InvalidComponentError
 from cluster.inferlet_build import build
-from cluster.inferlet_runner import InferletRunner
+from cluster.inferlet_host import InferletHost
 from cluster.sandbox import Limits
 from helpers import allocated, make_request, step_logprobs, full_logprobs
 
@@ -23,9 +23,15 @@ EXAMPLE = Path(__file__).parent.parent / "inferlets" / "examples" / "text_comple
 
 @pytest.fixture(scope="module")
 def runner(_executor_fp32):
-    r = InferletRunner(_executor_fp32)
-    r.component(PROBE)  # build and compile once (cached by content hash afterwards)
-    return r
+    with InferletHost(_executor_fp32) as host:
+        host.component(PROBE)  # build and compile once (cached by content hash afterwards)
+        yield host
+        host.services.pages.check_idle()
+
+
+def settled(host) -> None:
+    """Wait until the host's queued page operations and passes have run (they hold page pins)."""
+    host.services.batcher.flush().wait(60)
 
 
 def run_probe(runner, *args, limits=None):
@@ -56,6 +62,7 @@ def test_generate_answers_and_frees_its_pages(runner, ex32):
     outcome, [msg] = run_probe(runner, "generate", "What is the capital of France?", 16)
     assert outcome.ok, outcome.error
     assert "Paris" in msg["text"]
+    settled(runner)
     assert ex32.num_free_pages == free  # the Context freed its pages on exit
 
 
@@ -82,8 +89,9 @@ def test_kv_copy_mask_and_ownership(runner, ex32):
     outcome, [msg] = run_probe(runner, "kv")
     assert outcome.ok, outcome.error
     errors = msg["errors"]
-    assert "not owned" in errors["copy_foreign"] and "not owned" in errors["free_foreign"]
-    assert "not owned" in errors["double_free"]
+    assert "not held" in errors["copy_foreign"] and "not held" in errors["free_foreign"]
+    assert "not held" in errors["double_free"]
+    settled(runner)
     assert ex32.num_free_pages == free  # the page it kept was reclaimed when it ended
 
 
@@ -174,6 +182,7 @@ def test_page_hog_hits_its_quota_and_loses_everything(runner, ex32):
     assert "quota of 40" in json.loads(bad.messages[0])["error"]
     assert "ending while holding 40 pages" in bad.error
     assert good.ok and "Paris" in "".join(good.messages)
+    settled(runner)
     assert ex32.num_free_pages == free
     ex32.check_idle_invariant()
 
@@ -185,6 +194,7 @@ def test_many_inferlets_at_once(runner, ex32):
     assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     assert len({o.instance_id for o in outcomes}) == 6
     assert all("Paris" in "".join(o.messages) for o in outcomes)
+    settled(runner)
     assert ex32.num_free_pages == free
 
 

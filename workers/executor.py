@@ -27,7 +27,8 @@ class ModelInfo:
 
 
 class Executor(ABC):
-    """One model on one device. Not thread-safe: one caller (the worker's batcher) drives it."""
+    """One model on one device. Page bookkeeping (allocate_pages, free_pages, num_free_pages) is
+    thread-safe; everything else has one caller (the worker's batcher thread)."""
 
     @property
     @abstractmethod

@@ -10,9 +10,13 @@ import shutil  # noqa: F401  (argparse's help formatter)
 import textwrap  # noqa: F401  (argparse)
 import difflib  # noqa: F401  (argparse suggestions)
 import linecache  # noqa: F401  (traceback)
-from pie_sdk.context import Context
-from pie_sdk.runtime import arguments, instance_id, log, model_info, send
+import json  # noqa: F401  (messages are often JSON; json.decoder imports lazily)
+from pie_sdk.context import Context, ngram_drafter
+from pie_sdk.grammar import Grammar
+from pie_sdk.runtime import HostError, arguments, instance_id, log, model_info, now_ms, receive, send, sleep
 from pie_sdk.samplers import distribution, greedy, logprobs, sample
+from pie_sdk import http, messaging  # noqa: F401  (pie_sdk.http.get(...), pie_sdk.messaging.push(...))
 
-__all__ = ["Context", "arguments", "instance_id", "log", "model_info", "send",
-           "greedy", "sample", "distribution", "logprobs"]
+__all__ = ["Context", "Grammar", "HostError", "ngram_drafter", "arguments", "instance_id", "log", "model_info",
+           "now_ms", "receive", "send", "sleep", "greedy", "sample", "distribution", "logprobs",
+           "http", "messaging"]

@@ -1,20 +1,62 @@
-"""A Context owns KV pages and a token history, and generates from it."""
+"""A Context owns KV pages and a token history, and generates from it.
+
+State: `pages` (the KV sequence, in order), `kv_len` (filled slots over them), `tokens`
+(whose KV is written), `pending` (to be written by the next pass), `next_position`.
+Positions are explicit, so dropping pages leaves later positions where they were.
+
+Pages may be shared: fork() shares full pages between contexts, export()/import_() share
+them between inferlets. Shared pages are never written: before writing into a shared
+last page, a context copies it into a page of its own (copy on write).
+"""
+import json
+
 from wit_world.imports import forward, kv, model
 
 from pie_sdk.runtime import model_info, unwrap
-from pie_sdk.samplers import greedy
+from pie_sdk.samplers import distribution, greedy
+
+# this inferlet's pages: how many contexts use each, and how many host references it holds
+_uses = {}
+_host_refs = {}
+_readonly = set()  # exported or imported pages
+
+
+def _hold(pages, new_host_refs=False):
+    for p in pages:
+        _uses[p] = _uses.get(p, 0) + 1
+        if new_host_refs:
+            _host_refs[p] = _host_refs.get(p, 0) + 1
+
+
+def _release(pages):
+    to_free = []
+    for p in pages:
+        _uses[p] -= 1
+        if _uses[p] == 0:
+            del _uses[p]
+            to_free += [p] * _host_refs.pop(p, 1)
+            _readonly.discard(p)
+    if to_free:
+        unwrap(kv.free, to_free)
+
+
+def _allocate(n):
+    pages = list(unwrap(kv.allocate, n))
+    _hold(pages, new_host_refs=True)
+    return pages
 
 
 class Context:
-    """Tokens already in the KV cache (`tokens`) plus tokens waiting to be written (`pending`)."""
-
     def __init__(self):
         info = model_info()
         self.page_size = info.page_size
         self.stop_tokens = set(info.stop_tokens)
-        self.pages: list[int] = []
-        self.tokens: list[int] = []
-        self.pending: list[int] = []
+        self.pages = []
+        self.kv_len = 0
+        self.next_position = 0
+        self.tokens = []
+        self.pending = []
+        self._masks = {}  # page -> its slot mask, for pages with masked slots
 
     def __enter__(self):
         return self
@@ -23,57 +65,278 @@ class Context:
         self.free()
 
     def free(self) -> None:
-        """Give every page back; the context is empty afterwards."""
-        if self.pages:
-            unwrap(kv.free, self.pages)
-        self.pages, self.tokens, self.pending = [], [], []
+        """Give every page back (shared ones live on while others use them); the context is empty."""
+        pages, self.pages = self.pages, []
+        if pages:
+            _release(pages)
+        self.kv_len, self.next_position, self.tokens, self.pending, self._masks = 0, 0, [], [], {}
 
+    # -- filling ---------------------------------------------------------------------------------
     def fill(self, text: str) -> None:
         self.fill_tokens(model.encode(text))
 
-    def fill_tokens(self, tokens: list[int]) -> None:
+    def fill_tokens(self, tokens) -> None:
         self.pending.extend(tokens)
 
-    def fill_chat(self, messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> None:
+    def fill_chat(self, messages, add_generation_prompt: bool = True) -> None:
         """Append chat messages [(role, content)] rendered by the model's chat template."""
-        self.fill(unwrap(model.apply_chat_template, messages, add_generation_prompt))
+        self.fill(unwrap(model.apply_chat_template, list(messages), add_generation_prompt))
 
-    def _reserve(self, kv_len: int) -> int:
-        """Allocate pages for kv_len slots; return the last page's fill."""
-        need = -(-kv_len // self.page_size) - len(self.pages)
+    # -- pages -----------------------------------------------------------------------------------
+    def _own_page(self, index: int) -> int:
+        """Make pages[index] this context's own (copy on write) and return it."""
+        page = self.pages[index]
+        if page in _readonly or _uses.get(page, 0) > 1:
+            [fresh] = _allocate(1)
+            filled = min(self.page_size, self.kv_len - index * self.page_size)
+            if filled > 0:
+                unwrap(kv.copy, page, fresh, 0, 0, filled)
+            if page in self._masks:
+                self._masks[fresh] = self._masks.pop(page)
+            self.pages[index] = fresh
+            _release([page])
+            page = fresh
+        return page
+
+    def _reserve(self, count: int) -> int:
+        """Room for `count` more slots; returns the last page's fill after them."""
+        if self.kv_len % self.page_size:
+            self._own_page(len(self.pages) - 1)
+        new_len = self.kv_len + count
+        need = -(-new_len // self.page_size) - len(self.pages)
         if need > 0:
-            self.pages.extend(unwrap(kv.allocate, need))
-        return kv_len - (len(self.pages) - 1) * self.page_size
+            self.pages.extend(_allocate(need))
+        return new_len - (len(self.pages) - 1) * self.page_size
 
-    def step(self, sampler=None):
-        """Write the pending tokens' KV and return the output at the last one."""
+    def _trim(self) -> None:
+        """Release pages past kv_len (after a rollback)."""
+        keep = -(-self.kv_len // self.page_size)
+        extra, self.pages = self.pages[keep:], self.pages[:keep]
+        if extra:
+            _release(extra)
+
+    def mask_slots(self, start: int, end: int, masked: bool = True) -> None:
+        """Hide (or show again) KV slots [start, end) from every later pass of this context."""
+        if not 0 <= start <= end <= self.kv_len:
+            raise ValueError(f"slots [{start}, {end}) are outside the context's {self.kv_len}")
+        ps = self.page_size
+        for index in range(start // ps, -(-end // ps)):
+            page = self._own_page(index)
+            bits = self._masks.setdefault(page, [False] * ps)
+            for slot in range(max(start, index * ps), min(end, (index + 1) * ps)):
+                bits[slot - index * ps] = masked
+            unwrap(kv.mask, page, bits)
+
+    def drop(self, start: int, end: int) -> None:
+        """Remove KV slots [start, end) from attention: whole pages inside the range are given
+        back, the rest are masked. Token history and later positions are unchanged."""
+        if not 0 <= start <= end <= self.kv_len:
+            raise ValueError(f"slots [{start}, {end}) are outside the context's {self.kv_len}")
+        ps = self.page_size
+        first_whole, last_whole = -(-start // ps), min(end // ps, (self.kv_len - 1) // ps)  # keep the tail page
+        if first_whole < last_whole:
+            gone = self.pages[first_whole:last_whole]
+            self.pages = self.pages[:first_whole] + self.pages[last_whole:]
+            self.kv_len -= len(gone) * ps
+            _release(gone)
+            removed = (last_whole - first_whole) * ps
+            self.mask_slots(start, first_whole * ps)
+            self.mask_slots(first_whole * ps, end - removed)
+        else:
+            self.mask_slots(start, end)
+
+    # -- running ---------------------------------------------------------------------------------
+    def _submit(self, inputs, outputs) -> int:
+        last = self._reserve(len(inputs))
+        positions = list(range(self.next_position, self.next_position + len(inputs)))
+        handle = unwrap(forward.submit, forward.Pass(list(inputs), positions, self.pages, last, None, outputs))
+        self.kv_len += len(inputs)
+        self.next_position += len(inputs)
+        return handle
+
+    def submit_step(self, sampler=None, allowed=None, grammar=None) -> int:
+        """Queue the pass writing the pending tokens; returns its handle (see forward.wait)."""
         if not self.pending:
             raise ValueError("nothing to run: fill the context first")
-        start = len(self.tokens)
-        last = self._reserve(start + len(self.pending))
-        spec = forward.OutputSpec(len(self.pending) - 1, sampler or greedy(), None)
-        handle = unwrap(forward.submit, forward.Pass(
-            self.pending, list(range(start, start + len(self.pending))), self.pages, last, None, [spec]))
-        out = unwrap(forward.wait, handle)[0]
+        spec = forward.OutputSpec(len(self.pending) - 1, sampler or greedy(), allowed,
+                                  None if grammar is None else grammar.handle)
+        handle = self._submit(self.pending, [spec])
         self.tokens.extend(self.pending)
         self.pending = []
-        return out.value
+        return handle
 
-    def generate_stream(self, max_tokens: int, sampler=None, stop_tokens=None):
-        """Yield the text of each new token as it comes, until a stop token or max_tokens."""
+    def step(self, sampler=None, allowed=None, grammar=None):
+        """Write the pending tokens' KV and return the output at the last one."""
+        return unwrap(forward.wait, self.submit_step(sampler, allowed, grammar))[0].value
+
+    def generate_stream(self, max_tokens: int, sampler=None, stop_tokens=None, stop_strings=(), grammar=None):
+        """Yield text as it is generated, until a stop token, a stop string (not included),
+        max_tokens, or the grammar is complete. The last token stays pending."""
         stops = self.stop_tokens if stop_tokens is None else set(stop_tokens)
-        generated: list[int] = []
-        printed = 0
+        generated, printed = [], 0
+        text = ""
         for _ in range(max_tokens):
-            token = self.step(sampler)
+            token = self.step(sampler, grammar=grammar)
+            if grammar is not None:
+                grammar.accept(token)
             if token in stops:
                 break
             generated.append(token)
             self.pending.append(token)
             text = unwrap(model.decode, generated)
-            if not text.endswith("\ufffd"):
-                yield text[printed:]
-                printed = len(text)
+            hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+            if hit >= 0:
+                text = text[:hit]
+                break
+            if grammar is not None and grammar.is_finished():
+                break
+            safe = len(text) - _held_back(text, stop_strings)
+            if not text.endswith("\ufffd") and safe > printed:
+                yield text[printed:safe]
+                printed = safe
+        if len(text) > printed:
+            yield text[printed:]
 
-    def generate(self, max_tokens: int, sampler=None, stop_tokens=None) -> str:
-        return "".join(self.generate_stream(max_tokens, sampler, stop_tokens))
+    def generate(self, max_tokens: int, sampler=None, stop_tokens=None, stop_strings=(), grammar=None) -> str:
+        return "".join(self.generate_stream(max_tokens, sampler, stop_tokens, stop_strings, grammar))
+
+    # -- sharing ---------------------------------------------------------------------------------
+    def fork(self) -> "Context":
+        """A context with the same history: full pages shared, the partial last page copied."""
+        child = Context()
+        full = self.kv_len // self.page_size
+        child.pages = self.pages[:full]
+        _hold(child.pages)
+        partial = self.kv_len - full * self.page_size
+        if partial:
+            [fresh] = _allocate(1)
+            unwrap(kv.copy, self.pages[full], fresh, 0, 0, partial)
+            child.pages.append(fresh)
+        child.kv_len, child.next_position = self.kv_len, self.next_position
+        child.tokens, child.pending = list(self.tokens), list(self.pending)
+        child._masks = {p: list(b) for p, b in self._masks.items() if p in child.pages}
+        return child
+
+    def export(self, name: str, persistent: bool = False) -> None:
+        """Share this context's KV under `name` (pending tokens are not part of it). A persistent
+        export outlives this inferlet until someone unexports it."""
+        meta = json.dumps({"sdk": 1, "tokens": self.tokens, "kv_len": self.kv_len,
+                           "next_position": self.next_position})
+        unwrap(kv.export_pages, name, self.pages, meta, persistent)
+        _readonly.update(self.pages)
+
+    @classmethod
+    def import_(cls, name: str) -> "Context":
+        """A context continuing from the KV another context exported under `name`."""
+        pages, meta = unwrap(kv.import_pages, name)
+        ctx = cls()
+        ctx.pages = list(pages)
+        _hold(ctx.pages, new_host_refs=True)
+        _readonly.update(ctx.pages)
+        try:
+            state = json.loads(meta)
+            ctx.tokens, ctx.kv_len, ctx.next_position = state["tokens"], state["kv_len"], state["next_position"]
+        except (ValueError, KeyError, TypeError):
+            ctx.free()
+            raise ValueError(f"{name!r} was not exported by a pie_sdk Context (its description is not ours)")
+        return ctx
+
+    # -- search ----------------------------------------------------------------------------------
+    def beam_search(self, beam_width: int, max_tokens: int, stop_tokens=None) -> str:
+        """The most likely continuation (sum of log-probabilities) kept among `beam_width` beams.
+        Every beam's pass goes in one batched step. The context itself is unchanged."""
+        import math
+
+        stops = self.stop_tokens if stop_tokens is None else set(stop_tokens)
+        beams = [(self.fork(), 0.0, [])]
+        finished = []
+        try:
+            for _ in range(max_tokens):
+                handles = [ctx.submit_step(distribution(beam_width)) for ctx, _, _ in beams]
+                outputs = unwrap(forward.wait_all, handles)
+                candidates = []
+                for (ctx, score, gen), outs in zip(beams, outputs):
+                    ids, probs = outs[0].value
+                    candidates += [(score + math.log(max(p, 1e-30)), i, t, gen) for t, p in zip(ids, probs)]
+                candidates.sort(key=lambda c: -c[0])
+                grown = []
+                for score, i, token, gen in candidates[:beam_width]:
+                    if token in stops:
+                        finished.append((score, gen))
+                        continue
+                    child = beams[i][0].fork()
+                    child.pending = [token]
+                    grown.append((child, score, gen + [token]))
+                for ctx, _, _ in beams:
+                    ctx.free()
+                beams = grown
+                best_done = max((s for s, _ in finished), default=-math.inf)
+                if not beams or best_done >= max(s for _, s, _ in beams):
+                    break  # scores only fall: no open beam can beat the best finished one
+        finally:
+            for ctx, _, _ in beams:
+                ctx.free()
+        score, tokens = max(finished + [(s, g) for _, s, g in beams], key=lambda c: c[0])
+        return unwrap(model.decode, tokens)
+
+    def generate_speculative(self, drafter, max_tokens: int, max_draft: int = 4, stop_tokens=None):
+        """Greedy decoding that checks `drafter(history) -> guessed next tokens` in one pass per
+        round: accepted guesses cost no extra step. Same tokens as greedy step-by-step decoding.
+        Returns (text, accepted_drafts, rounds)."""
+        stops = self.stop_tokens if stop_tokens is None else set(stop_tokens)
+        generated, accepted_total, rounds = [], 0, 0
+        while len(generated) < max_tokens:
+            if not self.pending:
+                raise ValueError("nothing to run: fill the context first")
+            draft = [int(t) for t in drafter(self.tokens + self.pending)][:max(0, min(max_draft,
+                                                                                        max_tokens - len(generated) - 1))]
+            inputs = self.pending + draft
+            first = len(self.pending) - 1
+            specs = [forward.OutputSpec(first + j, greedy(), None, None) for j in range(len(draft) + 1)]
+            outs = [o.value for o in unwrap(forward.wait, self._submit(inputs, specs))]
+            rounds += 1
+            matched = 0
+            while matched < len(draft) and draft[matched] == outs[matched]:
+                matched += 1
+            rejected = len(draft) - matched
+            self.kv_len -= rejected
+            self.next_position -= rejected
+            self._trim()
+            self.tokens.extend(self.pending + draft[:matched])
+            accepted_total += matched
+            new = draft[:matched] + [outs[matched]]
+            self.pending = []
+            for token in new:
+                if token in stops or len(generated) >= max_tokens:
+                    return unwrap(model.decode, generated), accepted_total, rounds
+                generated.append(token)
+            # the drafts are in the KV already; the correction token is not yet
+            self.pending = [new[-1]]
+        return unwrap(model.decode, generated), accepted_total, rounds
+
+
+def ngram_drafter(n: int = 2, k: int = 4):
+    """A drafter guessing that the text repeats: after the last n tokens' previous occurrence,
+    propose the k tokens that followed it (prompt lookup decoding)."""
+
+    def draft(history):
+        if len(history) <= n:
+            return []
+        tail = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start:start + n] == tail:
+                return history[start + n:start + n + k]
+        return []
+
+    return draft
+
+
+def _held_back(text: str, stop_strings) -> int:
+    """How many trailing characters could begin a stop string (not yet safe to show)."""
+    held = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                held = max(held, k)
+                break
+    return held

@@ -15,7 +15,7 @@ def unwrap(call, *args):
         raise HostError(e.value) from None
 
 
-def arguments() -> list[str]:
+def arguments() -> list:
     return list(runtime.get_arguments())
 
 
@@ -24,7 +24,21 @@ def instance_id() -> str:
 
 
 def send(message: str) -> None:
+    """Send a message to the client (HostError if it is over the size limit)."""
     unwrap(runtime.send, message)
+
+
+def receive(timeout_ms=None):
+    """The next message from the client, or None when timeout_ms passes first."""
+    return runtime.receive(timeout_ms)
+
+
+def sleep(ms: int) -> None:
+    runtime.sleep(int(ms))
+
+
+def now_ms() -> int:
+    return runtime.now_ms()
 
 
 def log(message: str) -> None:
@@ -35,7 +49,7 @@ _info = None
 
 
 def model_info():
-    """name, vocab_size, page_size, max_position, stop_tokens of the model."""
+    """name, vocab_size, page_size, max_position, stop_tokens, chat_template of the model."""
     global _info
     if _info is None:
         _info = model.info()

@@ -1,0 +1,135 @@
+"""An inferlet host: runs many inferlets beside each other on one executor.
+
+It owns the shared services (batcher, page registry, message bus, HTTP client, timers) and
+the scheduler thread that runs every inferlet's wasm. `launch` returns at once with a handle
+that streams what the inferlet sends, takes messages for it, can stop it, and waits for its
+Outcome. However an inferlet ends (returns, raises, traps, hits a limit, is stopped),
+everything it held is released and the outcome names the cause.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from wasmtime import component as wc
+
+from cluster.batcher import Batcher, BatchPolicy
+from cluster.errors import InvalidComponentError
+from cluster.host_services import HostServices
+from cluster.http_client import HttpClient, HttpPolicy
+from cluster.inferlet_build import build
+from cluster.messaging import BusLimits, MessageBus
+from cluster.page_registry import PageRegistry
+from cluster.sandbox import Limits, Sandbox
+from cluster.scheduler import Scheduler, Task
+from cluster.session import InferletSession
+from cluster.timers import Timers
+from workers.executor import Executor
+
+
+@dataclass
+class Outcome:
+    instance_id: str
+    messages: list[str] = field(default_factory=list)  # what it sent to its client, in order
+    error: str | None = None  # None on success; else the cause, with the guest's traceback when it has one
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class RunningInferlet:
+    def __init__(self, instance_id: str, host: "InferletHost", session: InferletSession, task: Task,
+                 outcome: Outcome, finished: threading.Event):
+        self.instance_id = instance_id
+        self.outcome = outcome
+        self._host, self._session, self._task, self._finished = host, session, task, finished
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def send(self, message: str) -> None:
+        """A message from the client; the inferlet reads it with receive(). Raises Refused when it
+        is too large, the inbox is full, or the inferlet has ended."""
+        self._session.deliver(message)
+
+    def stop(self, reason: str = "its client stopped it") -> None:
+        if not self.done:
+            self._host.scheduler.kill(self._task, reason)
+
+    def wait(self, timeout: float | None = None) -> Outcome:
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"inferlet {self.instance_id} still running after {timeout} s")
+        return self.outcome
+
+
+class InferletHost:
+    """Launches inferlets on one executor. `program` is a .py source (built on demand) or a .wasm."""
+
+    def __init__(self, executor: Executor, limits: Limits = Limits(), policy: BatchPolicy = BatchPolicy(),
+                 http_policy: HttpPolicy = HttpPolicy(), bus_limits: BusLimits | None = None,
+                 sandbox: Sandbox | None = None):
+        self.limits = limits
+        self.sandbox = sandbox or Sandbox()
+        timers = Timers()
+        self.services = HostServices(
+            executor=executor, batcher=Batcher(executor, policy), pages=PageRegistry(executor),
+            bus=MessageBus(bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes), timers),
+            http=HttpClient(http_policy), timers=timers)
+        self.scheduler = Scheduler(self.sandbox, timers)
+        self._ids = itertools.count(1)
+
+    @property
+    def executor(self) -> Executor:
+        return self.services.executor
+
+    def component(self, program: str | Path) -> wc.Component:
+        path = Path(program)
+        if path.suffix == ".py":
+            path = build(path)
+        elif path.suffix != ".wasm":
+            raise InvalidComponentError(f"{program}: expected a .py source or a .wasm component")
+        return self.sandbox.load(path)
+
+    def launch(self, program: str | Path, arguments: list[str] = (), limits: Limits | None = None,
+               on_message: Callable[[str], None] | None = None,
+               on_end: Callable[[Outcome], None] | None = None) -> RunningInferlet:
+        component = self.component(program)
+        limits = limits or self.limits
+        instance_id = f"inferlet-{next(self._ids)}"
+        outcome = Outcome(instance_id)
+        finished = threading.Event()
+
+        def deliver(message: str) -> None:
+            outcome.messages.append(message)
+            if on_message:
+                on_message(message)
+
+        def ended(error: str | None) -> None:
+            outcome.error = error
+            finished.set()
+            if on_end:
+                on_end(outcome)
+
+        session = InferletSession(instance_id, list(arguments), self.services, limits, deliver)
+        task = Task(session, component, limits, ended)
+        self.scheduler.start(task)
+        return RunningInferlet(instance_id, self, session, task, outcome, finished)
+
+    def run(self, program: str | Path, arguments: list[str] = (), **kwargs) -> Outcome:
+        return self.launch(program, arguments, **kwargs).wait()
+
+    def close(self) -> None:
+        """Stop every inferlet, then the threads."""
+        self.scheduler.close()
+        self.services.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,204 @@
+"""Many component instances on one thread, through wasmtime's async C API.
+
+wasmtime-py 50 exposes only synchronous component calls. Its private `_ffi` module binds the
+async ones, and this module is the one place that touches them (pinned: wasmtime==50.0.1):
+
+- `add_async_func(linker_instance, name, start)`: an import whose host side may wait. When
+  the guest calls it, `start(*args)` runs and returns a Pending; the guest stays suspended
+  until that Pending is done, while the thread polls other instances.
+- `instantiate(linker, store, component)`: async instantiation (required once a linker has
+  async imports), polled to completion.
+- `AsyncCall(store, func, args)`: an export call in flight. `poll()` runs the guest until it
+  waits on an import, yields (epoch) or finishes; `result()` converts its return value or
+  raises the trap; `cancel()` drops it (the store must not be used afterwards).
+- `yield_every_epoch(store)`: a guest that computes without calling the host gives the
+  thread back at every epoch tick instead of holding it.
+
+Value conversion reuses wasmtime-py's component types (see cluster/wasm_lists.py for the
+bulk list conversion it adds).
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import threading
+from ctypes import POINTER, byref
+from typing import Any, Callable
+
+import wasmtime
+from wasmtime import _ffi as ffi
+from wasmtime.component import Component, Instance, Linker, LinkerInstance
+from wasmtime.component._func import Func
+from wasmtime.component._types import FuncType
+
+from cluster import wasm_lists
+from cluster.pending import Pending
+
+wasm_lists.install()
+
+# the epoch-yield setter is declared with the wrong return type in wasmtime-py 50
+ffi.dll.wasmtime_context_epoch_deadline_async_yield_and_update.restype = None
+ffi.dll.wasmtime_context_epoch_deadline_async_yield_and_update.argtypes = [POINTER(ffi.wasmtime_context_t),
+                                                                           ctypes.c_uint64]
+
+
+class _AsyncImport:
+    """One async import: the Python start function and (after its first call) its result type."""
+
+    def __init__(self, name: str, start: Callable[..., Pending]):
+        self.name = name
+        self.start = start
+        self.param_types = None
+        self.result_type = None
+
+
+class _InFlight:
+    """An async import call waiting on its Pending; the continuation writes its result."""
+
+    __slots__ = ("imp", "pending", "results")
+
+    def __init__(self, imp: _AsyncImport, pending: Pending, results):
+        self.imp, self.pending, self.results = imp, pending, results
+
+
+_lock = threading.Lock()
+_imports: dict[int, _AsyncImport] = {}  # env id -> import (ids stay valid until the linker drops them)
+_in_flight: dict[int, _InFlight] = {}  # env id of a continuation -> its call
+_ids = itertools.count(1)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _forget_import(env):
+    with _lock:
+        _imports.pop(env or 0, None)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def _forget_in_flight(env):
+    with _lock:
+        _in_flight.pop(env or 0, None)
+
+
+@ffi.wasmtime_func_async_continuation_callback_t
+def _continue(env):
+    call = _in_flight.get(env or 0)
+    if call is None or not call.pending.done:
+        return False
+    if call.imp.result_type is not None:
+        if call.pending.error is not None:  # a host bug: the start function's contract is to return values
+            raise RuntimeError(f"async import {call.imp.name} failed: {call.pending.error!r}")
+        call.imp.result_type.convert_to_c(None, call.pending.value, call.results)
+    return True
+
+
+@ffi.wasmtime_component_func_async_callback_t
+def _start(env, context, fty_raw, args, nargs, results, nresults, error_ret, continuation):
+    imp = _imports[env or 0]
+    if imp.param_types is None:
+        fty = FuncType._from_ptr(fty_raw, owner=imp)  # borrowed: wasmtime owns it
+        imp.param_types = [ty for _, ty in fty.params]
+        imp.result_type = fty.result
+    pyargs = [ty.convert_from_c(args[i]) for i, ty in enumerate(imp.param_types[:nargs])]
+    pending = imp.start(*pyargs)
+    call_id = next(_ids)
+    with _lock:
+        _in_flight[call_id] = _InFlight(imp, pending, results)
+    continuation[0].callback = _continue
+    continuation[0].env = call_id
+    continuation[0].finalizer = _forget_in_flight
+
+
+def add_async_func(linker_instance: LinkerInstance, name: str, start: Callable[..., Pending]) -> None:
+    """Define import `name`: start(*args) -> Pending whose value is the import's return value.
+
+    start runs on the polling thread and must not block; it must also not raise (return a
+    Pending holding the import's error value instead): an exception here would trap the guest.
+    """
+    env = next(_ids)
+    with _lock:
+        _imports[env] = _AsyncImport(name, start)
+    encoded = name.encode()
+    error = ffi.wasmtime_component_linker_instance_add_func_async(
+        linker_instance.ptr(), ctypes.create_string_buffer(encoded), len(encoded), _start, env, _forget_import)
+    if error:
+        raise wasmtime.WasmtimeError._from_ptr(error)
+
+
+def _drive(future) -> None:
+    try:
+        while not ffi.wasmtime_call_future_poll(future):
+            pass
+    finally:
+        ffi.wasmtime_call_future_delete(future)
+
+
+def instantiate(linker: Linker, store: wasmtime.Store, component: Component) -> Instance:
+    """Instantiate with the async API (needed once async imports are defined), polled to the end."""
+    raw = ffi.wasmtime_component_instance_t()
+    error = POINTER(ffi.wasmtime_error_t)()
+    _drive(ffi.wasmtime_component_linker_instantiate_async(linker.ptr(), store._context(), component.ptr(),
+                                                           byref(raw), byref(error)))
+    if error:
+        raise wasmtime.WasmtimeError._from_ptr(error)
+    return Instance._from_raw(raw)
+
+
+def yield_every_epoch(store: wasmtime.Store, ticks: int = 1) -> None:
+    """A running guest gives its thread back each `ticks` epochs (instead of trapping)."""
+    store.set_epoch_deadline(ticks)
+    ffi.dll.wasmtime_context_epoch_deadline_async_yield_and_update(store._context(), ticks)
+
+
+class AsyncCall:
+    """One call of a component export, advanced by poll() on the thread that owns its store."""
+
+    def __init__(self, store: wasmtime.Store, func: Func, *args: Any):
+        fty = func.type(store)
+        params = [ty for _, ty in fty.params]
+        if len(params) != len(args):
+            raise TypeError(f"the export takes {len(params)} arguments, got {len(args)}")
+        self._result_type = fty.result
+        self._args = (ffi.wasmtime_component_val_t * max(1, len(args)))()
+        for i, (ty, value) in enumerate(zip(params, args)):
+            ty.convert_to_c(store, value, ctypes.pointer(self._args[i]))
+        self._nargs = len(args)
+        self._result = ffi.wasmtime_component_val_t()
+        self._error = POINTER(ffi.wasmtime_error_t)()
+        self._func = func  # keep the raw func struct alive while the future refers to it
+        self._future = ffi.wasmtime_component_func_call_async(
+            byref(func._func), store._context(), self._args, len(args), byref(self._result),
+            1 if self._result_type is not None else 0, byref(self._error))
+        self.finished = False
+
+    def poll(self) -> bool:
+        """Run the guest until it waits on the host, yields, or ends. True once it has ended."""
+        if self.finished:
+            return True
+        if not ffi.wasmtime_call_future_poll(self._future):
+            return False
+        self._close()
+        self.finished = True
+        return True
+
+    def result(self) -> Any:
+        """The export's return value; raises wasmtime.WasmtimeError if the guest trapped."""
+        if not self.finished:
+            raise RuntimeError("the call has not finished")
+        if self._error:
+            error, self._error = wasmtime.WasmtimeError._from_ptr(self._error), None
+            raise error
+        if self._result_type is None:
+            return None
+        return self._result_type.convert_from_c(self._result)
+
+    def cancel(self) -> None:
+        """Drop the call mid-flight; its store is in an unknown state and must be discarded."""
+        if not self.finished:
+            self._close()
+            self.finished = True
+
+    def _close(self) -> None:
+        ffi.wasmtime_call_future_delete(self._future)
+        for i in range(self._nargs):
+            ffi.wasmtime_component_val_delete(byref(self._args[i]))
+        self._nargs = 0
