@@ -166,7 +166,7 @@ class PageRegistry:
         """With nothing running: only persistent exports hold pages, and the executor agrees."""
         with self._lock:
             holders = {h: len(c) for h, c in self._held.items() if c}
-            persistent = {p for e in self._exports.values() for p in e.pages}
+            persistent = {p for e in self._exports.values() if e.persistent for p in e.pages}
             live = set(self._refs)
         if holders:
             raise PageRefused(f"pages still held by ended inferlets: {holders}")

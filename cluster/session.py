@@ -82,7 +82,8 @@ class InferletSession:
             pending = Pending()
             self._receivers.append(pending)
         if timeout_s is not None:
-            self.services.timers.call_later(timeout_s, lambda: pending.complete(None))
+            timer = self.services.timers.call_later(timeout_s, lambda: pending.complete(None))
+            pending.on_done(lambda _: timer.cancel())
         return pending
 
     # -- ending ----------------------------------------------------------------------------------

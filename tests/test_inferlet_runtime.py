@@ -4,8 +4,11 @@ One probe inferlet (tests/inferlets/api_probe.py) has a mode per part of the API
 of misbehaviour; its results come back as JSON messages and are checked against the executor.
 """
 import json
+import re
 import socket
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +16,50 @@ import pytest
 
 from cluster.errors import BuildError, InvalidComponentError
 from cluster.inferlet_build import build
+from cluster.http_client import HttpPolicy
 from cluster.inferlet_host import InferletHost
 from cluster.sandbox import Limits
+from cluster.wit_values import Refused
 from helpers import allocated, make_request, step_logprobs, full_logprobs
 
 PROBE = Path(__file__).parent / "inferlets" / "api_probe.py"
 EXAMPLE = Path(__file__).parent.parent / "inferlets" / "examples" / "text_completion.py"
 
 
+class _ToolServer(BaseHTTPRequestHandler):
+    """The HTTP 'tool' inferlets may call: /hello, /echo (POST), /slow."""
+
+    def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(1.0)
+        self._reply(200, b"hello from the tool")
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self._reply(201, body + b"|" + self.headers.get("X-Test", "").encode())
+
+    def _reply(self, status, body):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
-def runner(_executor_fp32):
-    with InferletHost(_executor_fp32) as host:
+def tool_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ToolServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runner(_executor_fp32, tool_server):
+    policy = HttpPolicy(allowed_hosts=(tool_server.removeprefix("http://"),), timeout_s=5.0)
+    with InferletHost(_executor_fp32, http_policy=policy) as host:
         host.component(PROBE)  # build and compile once (cached by content hash afterwards)
         yield host
         host.services.pages.check_idle()
@@ -46,6 +82,142 @@ def test_runtime_and_model_info(runner, ex32):
     info = ex32.info
     assert (msg["vocab_size"], msg["page_size"], msg["max_position"], msg["stop_tokens"]) == (
         info.vocab_size, info.page_size, info.max_position, list(info.stop_token_ids))
+    assert msg["models"] == [info.name] and "im_start" in msg["chat_template"]
+    assert msg["vocab_len"] == info.vocab_size
+    assert msg["vocab_sample"] == {str(i): ex32.tokenizer.id_to_token(i) for i in (0, 1, 100, info.vocab_size - 1)}
+
+
+def test_receive_messages_and_sleep(runner):
+    running = runner.launch(PROBE, ["receive"])
+    running.send("one")
+    running.send("two")
+    outcome = running.wait(60)
+    assert outcome.ok, outcome.error
+    msg = json.loads(outcome.messages[1])
+    assert msg["got"] == ["one", "two"] and msg["timed_out"]
+    assert msg["slept_ms"] >= 100
+    with pytest.raises(Refused, match="has ended"):
+        running.send("too late")
+
+
+def test_wait_all_matches_the_executor(runner, ex32):
+    prompts = ["The sky is", "One, two, three,", "Paris is the capital of"]
+    outcome, (msg, err) = run_probe(runner, "wait_all", *prompts)
+    assert outcome.ok, outcome.error
+    sampler = full_logprobs(ex32.info.vocab_size)
+    for prompt, got in zip(prompts, msg["logprobs"]):
+        tokens = ex32.tokenizer.encode(prompt)
+        with allocated(ex32, 1) as pages:
+            [ref] = step_logprobs(ex32, [make_request(tokens, pages, ex32.info.page_size, outputs=[len(tokens) - 1],
+                                                      samplers=[sampler])])
+        np.testing.assert_allclose(got, ref[0][[0, 5, 50]], atol=1e-4)
+    assert "no pass with handle" in err["errors"]["unknown"] and "twice" in err["errors"]["twice"]
+
+
+def test_fork_speculative_and_beam_search_agree_with_greedy(runner):
+    question = "What is the capital of France?"
+    outcome, [msg] = run_probe(runner, "fork", question, 12)
+    assert outcome.ok, outcome.error
+    assert msg["shared"] >= 1  # the forks share the prompt's full pages
+    assert msg["a"] == msg["b"] == msg["speculative"] == msg["beam1"]
+    assert msg["rounds"] <= 12 and msg["accepted"] >= 0
+    _, [plain] = run_probe(runner, "generate", question, 13)
+    assert msg["first"] + msg["a"] == plain["text"]  # forking changed nothing
+    assert "Paris" in msg["beam3"]
+
+
+def test_export_import_between_inferlets(runner, ex32):
+    free = ex32.num_free_pages
+    prompt = "The history of the city of Paris begins with a small village on an island in the Seine. " * 2
+    ready = threading.Event()
+    exporter = runner.launch(PROBE, ["export", "exporter", "paris-prefix", "0", prompt],
+                             on_message=lambda m: ready.set())
+    assert ready.wait(60)
+    assert json.loads(exporter.outcome.messages[0])["exported"] == ["paris-prefix"]
+    importer = runner.run(PROBE, ["export", "importer", "paris-prefix", " Today it is", "8", "try-unexport"])
+    assert importer.ok, importer.error
+    msg = json.loads(importer.messages[0])
+    errors = msg["errors"]
+    assert "read-only" in errors["write"] and "read-only" in errors["copy_into"]
+    assert "another inferlet" in errors["unexport_foreign"] and "nothing is exported" in errors["unknown"]
+    exporter.send("go")
+    assert exporter.wait(60).ok
+    assert "already exported" in json.loads(exporter.outcome.messages[1])["errors"]["duplicate"]
+    assert runner.services.pages.list_exports() == []  # it ended with its exporter
+    assert msg["text"] == msg["recomputed"]  # the imported KV gives what recomputing it gives
+    settled(runner)
+    assert ex32.num_free_pages == free
+
+
+def test_persistent_export_outlives_its_exporter(runner, ex32):
+    free = ex32.num_free_pages
+    prompt = "Persistent prefixes are shared across requests. " * 3
+    exporter = runner.launch(PROBE, ["export", "exporter", "kept", "1", prompt])
+    exporter.send("go")  # it may end at once: the export stays
+    assert exporter.wait(60).ok
+    assert runner.services.pages.list_exports() == ["kept"]
+    settled(runner)
+    assert ex32.num_free_pages < free  # still held by the export
+    importer = runner.run(PROBE, ["export", "importer", "kept", " And", "4"])
+    assert importer.ok, importer.error
+    outcome, [msg] = run_probe(runner, "unexport", "kept")
+    assert outcome.ok and msg["left"] == []
+    settled(runner)
+    assert ex32.num_free_pages == free
+
+
+def test_drop_frees_a_page_and_equals_masking_it(runner):
+    prompt = " ".join(f"word{i}" for i in range(30))  # well over two 16-slot pages
+    outcome, [msg] = run_probe(runner, "drop", prompt)
+    assert outcome.ok, outcome.error
+    np.testing.assert_allclose(msg["drop"]["logprobs"], msg["mask"]["logprobs"], atol=1e-4)
+    assert not np.allclose(msg["drop"]["logprobs"], msg["plain"]["logprobs"], atol=1e-3)
+    assert msg["drop"]["pages"] == msg["drop"]["pages_before"] - 1 == msg["mask"]["pages"] - 1
+
+
+def test_grammar_constrains_generation(runner):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                             "population": {"type": "integer", "maximum": 100000000}},
+              "required": ["city", "population"], "additionalProperties": False}
+    outcome, [msg] = run_probe(runner, "grammar", json.dumps(schema), "Describe Paris as JSON.")
+    assert outcome.ok, outcome.error
+    doc = json.loads(msg["text"])
+    assert isinstance(doc["city"], str) and isinstance(doc["population"], int) and msg["finished"]
+    assert re.fullmatch(r" [0-9]{3}", msg["digits"])
+    errors = msg["errors"]
+    assert "regex" in errors["bad_regex"].lower() and "yaml" in errors["bad_kind"]
+    assert "no grammar matcher" in errors["released"]
+
+
+def test_stop_strings_end_generation_before_them(runner):
+    outcome, [msg] = run_probe(runner, "stop_strings", "What is the capital of France?", "Paris")
+    assert outcome.ok, outcome.error
+    assert msg["text"].startswith("The capital of France is") and "Paris" not in msg["text"]
+
+
+def test_messaging_between_inferlets(runner):
+    subscribed = threading.Event()
+    sub = runner.launch(PROBE, ["subscriber", "news", "jobs"], on_message=lambda m: subscribed.set())
+    assert subscribed.wait(60)
+    pub = runner.run(PROBE, ["publisher", "news", "jobs"])
+    assert pub.ok, pub.error
+    sub_outcome = sub.wait(60)
+    assert sub_outcome.ok, sub_outcome.error
+    got, sent = json.loads(sub_outcome.messages[1]), json.loads(pub.messages[0])
+    assert sent["reached"] == 1 and sent["deleted"] is False
+    assert got == {"broadcast": "hello subscribers", "pulled": "work item", "timed_out": None,
+                   "stored": "shared-value", "keys": ["shared-key"]}
+    assert "not subscribed" in sent["errors"]["not_subscribed"] and "limit 65536" in sent["errors"]["oversized"]
+
+
+def test_http_only_to_allowed_hosts(runner, tool_server):
+    port = tool_server.rsplit(":", 1)[1]
+    outcome, [msg] = run_probe(runner, "http", tool_server, f"http://localhost:{port}/hello")
+    assert outcome.ok, outcome.error
+    assert (msg["get_status"], msg["get_body"]) == (200, "hello from the tool")
+    assert (msg["post_status"], msg["post_body"]) == (201, "ping|1")
+    assert "localhost" in msg["errors"]["disallowed"] and "allow" in msg["errors"]["disallowed"]
+    assert "timed out" in msg["errors"]["timeout"].lower() or "timeout" in msg["errors"]["timeout"].lower()
 
 
 def test_tokenizer_and_chat_template(runner, ex32):

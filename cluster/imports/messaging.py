@@ -23,7 +23,7 @@ def imports(s: InferletSession) -> dict:
         return _tag_ok(bus.pull(me, queue, capped(timeout_ms)))
 
     return {
-        "subscribe": sync(lambda topic: bus.subscribe(me, topic)),
+        "subscribe": sync(lambda topic: bus.subscribe(me, topic) and None),
         "unsubscribe": raw(lambda topic: _quietly(bus.unsubscribe, me, topic)),
         "broadcast": sync(lambda topic, message: bus.broadcast(me, topic, message)),
         "next-broadcast": waiting(s, next_broadcast, tagged_err),

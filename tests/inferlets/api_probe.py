@@ -12,8 +12,8 @@ except ImportError:
 
 from wit_world.imports import forward, kv, model, runtime
 
-from pie_sdk import Context, arguments, instance_id, log, model_info, send
-from pie_sdk import distribution, greedy, logprobs, sample
+from pie_sdk import Context, Grammar, arguments, http, instance_id, log, messaging, model_info, ngram_drafter
+from pie_sdk import distribution, greedy, logprobs, now_ms, receive, sample, send, sleep
 from pie_sdk.runtime import HostError, unwrap
 
 
@@ -24,9 +24,21 @@ def emit(**fields) -> None:
 def mode_runtime(args):
     info = model_info()
     log("probing the runtime")
+    vocab = model.vocabulary()
     emit(args=arguments(), instance_id=instance_id(), now_ms=runtime.now_ms(), vocab_size=info.vocab_size,
          page_size=info.page_size, max_position=info.max_position, stop_tokens=list(info.stop_tokens),
-         name=info.name)
+         name=info.name, models=list(model.list_models()), chat_template=info.chat_template,
+         vocab_len=len(vocab), vocab_sample={str(i): vocab[i] for i in (0, 1, 100, len(vocab) - 1)})
+
+
+def mode_receive(args):
+    """Echo two client messages, time out on a third, and sleep."""
+    send("ready")
+    first, second = receive(), receive(10_000)
+    none = receive(50)
+    t0 = now_ms()
+    sleep(120)
+    emit(got=[first, second], timed_out=none is None, slept_ms=now_ms() - t0)
 
 
 def mode_tokenizer(args):
@@ -104,6 +116,187 @@ def mode_masked_pass(args):
         unwrap(forward.submit, forward.Pass(tokens, list(range(n)), plain_pages, last, [[1]] * n, spec))
     except HostError as e:
         emit(bad_mask_error=str(e))
+
+
+def mode_wait_all(args):
+    """Three passes over three sequences waited together; then misuse of wait-all."""
+    prompts = args
+    ctxs = [Context() for _ in prompts]
+    for c, p in zip(ctxs, prompts):
+        c.fill(p)
+    handles = [c.submit_step(logprobs([0, 5, 50])) for c in ctxs]
+    outs = unwrap(forward.wait_all, handles)
+    emit(logprobs=[o[0].value for o in outs])
+    errors = {}
+    for name, hs in {"unknown": [10**6], "twice": [handles[0], handles[0]]}.items():
+        try:
+            unwrap(forward.wait_all, hs)
+        except HostError as e:
+            errors[name] = str(e)
+    emit(errors=errors)
+    for c in ctxs:
+        c.free()
+
+
+def mode_fork(args):
+    """Greedy text four ways from one written prompt: two forks, speculative, beam search (width 1 and 3)."""
+    prompt, n = args[0], int(args[1])
+    with Context() as base:
+        base.fill_chat([("user", prompt)])
+        first = base.step()  # the prompt's KV is written once; forks share its full pages
+        base.fill_tokens([first])
+        a, b = base.fork(), base.fork()
+        shared = sum(1 for p in a.pages if p in b.pages)
+        text_a, text_b = a.generate(n), b.generate(n)
+        c = base.fork()
+        spec_text, accepted, rounds = c.generate_speculative(ngram_drafter(2, 4), n)
+        beam1, beam3 = base.beam_search(1, n), base.beam_search(3, n)
+        for x in (a, b, c):
+            x.free()
+    emit(first=unwrap(model.decode, [first]), a=text_a, b=text_b, shared=shared, speculative=spec_text,
+         accepted=accepted, rounds=rounds, beam1=beam1, beam3=beam3)
+
+
+def mode_export(args):
+    """exporter NAME PERSISTENT PROMPT: export the prompt's KV, then wait for the client's go.
+    importer NAME CONTINUATION N [try-unexport]: continue from the import and generate."""
+    role, name = args[0], args[1]
+    if role == "exporter":
+        ctx = Context()
+        ctx.fill(args[3])
+        ctx.step()
+        ctx.pending = []
+        ctx.export(name, persistent=args[2] == "1")
+        send(json.dumps({"exported": kv.list_exports("")}))
+        receive(60_000)
+        errors = {}
+        try:
+            ctx.export(name)
+        except HostError as e:
+            errors["duplicate"] = str(e)
+        emit(errors=errors)
+        ctx.free()
+        return
+    ctx = Context.import_(name)
+    imported = list(ctx.pages)
+    errors = {}
+    misuse = {"write": lambda: unwrap(kv.mask, imported[0], [True] * model_info().page_size),
+              "copy_into": lambda: unwrap(kv.copy, imported[0], imported[0], 0, 0, 1),
+              "unknown": lambda: Context.import_("no-such-export")}
+    if args[4:] == ["try-unexport"]:
+        misuse["unexport_foreign"] = lambda: unwrap(kv.unexport, name)
+    for what, call in misuse.items():
+        try:
+            call()
+        except (HostError, ValueError) as e:
+            errors[what] = str(e)
+    with Context() as plain:  # the same tokens, computed here instead of imported
+        plain.fill_tokens(ctx.tokens)
+        plain.fill(args[2])
+        recomputed = plain.generate(int(args[3]))
+    ctx.fill(args[2])
+    text = ctx.generate(int(args[3]))
+    emit(text=text, recomputed=recomputed, imported=imported, errors=errors)
+    ctx.free()
+
+
+def mode_unexport(args):
+    unwrap(kv.unexport, args[0])
+    emit(left=list(kv.list_exports("")))
+
+
+def mode_drop(args):
+    """Hide the second page of a prompt two ways, drop (free it) and mask; compare next-token logprobs."""
+    probe = logprobs([0, 5, 50, 500])
+    tokens = model.encode(args[0])
+    results = {}
+    for how in ("plain", "drop", "mask"):
+        with Context() as ctx:
+            ctx.fill_tokens(tokens[:-1])
+            ctx.step()
+            ctx.fill_tokens(tokens[-1:])
+            ps = ctx.page_size
+            pages_before = len(ctx.pages)
+            if how == "drop":
+                ctx.drop(ps, 2 * ps)
+            elif how == "mask":
+                ctx.mask_slots(ps, 2 * ps)
+            results[how] = {"logprobs": ctx.step(probe), "pages": len(ctx.pages), "pages_before": pages_before}
+    emit(tokens=tokens, **results)
+
+
+def mode_grammar(args):
+    """Generate JSON under a schema, then text under a regex; report bad grammars."""
+    schema = json.loads(args[0])
+    with Context() as ctx:
+        ctx.fill_chat([("user", args[1])])
+        g = Grammar.json_schema(schema)
+        text = ctx.generate(96, grammar=g)
+        finished = g.is_finished()
+        g.release()
+    with Context() as ctx:
+        ctx.fill("My favourite number is")
+        digits = ctx.generate(16, grammar=Grammar.regex(" [0-9]{3}"))
+    errors = {}
+    for what, call in {"bad_regex": lambda: Grammar.regex("("), "bad_kind": lambda: Grammar("yaml", "x"),
+                       "released": lambda: g.next_mask()}.items():
+        try:
+            call()
+        except HostError as e:
+            errors[what] = str(e)
+    emit(text=text, finished=finished, digits=digits, errors=errors)
+
+
+def mode_stop_strings(args):
+    with Context() as ctx:
+        ctx.fill_chat([("user", args[0])])
+        emit(text=ctx.generate(40, stop_strings=[args[1]]))
+
+
+def mode_subscriber(args):
+    """Subscribe, wait for a broadcast, pull a queue message, read the store."""
+    topic, queue = args[0], args[1]
+    messaging.subscribe(topic)
+    send("subscribed")
+    got = messaging.next_broadcast(topic, 30_000)
+    pulled = messaging.pull(queue, 30_000)
+    timed_out = messaging.pull(queue, 50)
+    emit(broadcast=got, pulled=pulled, timed_out=timed_out, stored=messaging.store_get("shared-key"),
+         keys=messaging.store_keys("shared"))
+
+
+def mode_publisher(args):
+    topic, queue = args[0], args[1]
+    messaging.store_set("shared-key", "shared-value")
+    reached = messaging.broadcast(topic, "hello subscribers")
+    messaging.push(queue, "work item")
+    errors = {}
+    try:
+        messaging.next_broadcast("never-subscribed", 10)
+    except HostError as e:
+        errors["not_subscribed"] = str(e)
+    try:
+        messaging.push(queue, "x" * 200_000)
+    except HostError as e:
+        errors["oversized"] = str(e)
+    emit(reached=reached, deleted=messaging.store_delete("no-such-key"), errors=errors)
+
+
+def mode_http(args):
+    """GET and POST an allowed URL; try a host the deployment does not allow."""
+    allowed, disallowed = args[0], args[1]
+    r = http.get(allowed + "/hello")
+    p = http.post(allowed + "/echo", "ping", headers=[("X-Test", "1")])
+    errors = {}
+    try:
+        http.get(disallowed)
+    except HostError as e:
+        errors["disallowed"] = str(e)
+    try:
+        http.get(allowed + "/slow", timeout_ms=200)
+    except HostError as e:
+        errors["timeout"] = str(e)
+    emit(get_status=r.status, get_body=r.text, post_status=p.status, post_body=p.text, errors=errors)
 
 
 # --- misbehaviour -----------------------------------------------------------------------------

@@ -255,7 +255,7 @@ class Context:
                 handles = [ctx.submit_step(distribution(beam_width)) for ctx, _, _ in beams]
                 outputs = unwrap(forward.wait_all, handles)
                 candidates = []
-                for (ctx, score, gen), outs in zip(beams, outputs):
+                for i, ((ctx, score, gen), outs) in enumerate(zip(beams, outputs)):
                     ids, probs = outs[0].value
                     candidates += [(score + math.log(max(p, 1e-30)), i, t, gen) for t, p in zip(ids, probs)]
                 candidates.sort(key=lambda c: -c[0])
