@@ -86,6 +86,7 @@ class Batcher:
         """Completes once every operation and pass queued before this call has run."""
         pending = Pending()
         with self._cond:
+            self._check_open()  # a stopped thread would never complete it
             self._barriers.append((self._queued_seq, pending))
             self._ops.append((lambda executor: None, Pending()))  # wake the loop even when idle
             self._cond.notify()
