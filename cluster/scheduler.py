@@ -72,6 +72,7 @@ class Scheduler:
         self._commands: collections.deque[tuple] = collections.deque()
         self._running: set[Task] = set()
         self._closed = False
+        self.poll_seconds = 0.0  # time inside polls: guests' wasm plus the host imports they call
         self._thread = threading.Thread(target=self._loop, name="inferlets", daemon=True)
         self._thread.start()
 
@@ -167,7 +168,10 @@ class Scheduler:
         if task.ended:
             return
         task.polls += 1
-        if not task.call.poll():
+        t0 = time.perf_counter()
+        finished = task.call.poll()
+        self.poll_seconds += time.perf_counter() - t0
+        if not finished:
             waiting_on = task.session.outstanding
             if waiting_on is None or waiting_on.done:  # it yielded at an epoch, or its result is in
                 self._wake(task)

@@ -6,6 +6,8 @@ async ones, and this module is the one place that touches them (pinned: wasmtime
 - `add_async_func(linker_instance, name, start)`: an import whose host side may wait. When
   the guest calls it, `start(*args)` runs and returns a Pending; the guest stays suspended
   until that Pending is done, while the thread polls other instances.
+- `add_sync_func(linker_instance, name, fn)`: an import answering at once, through the same
+  path (its value types are read once per import, not on every call).
 - `instantiate(linker, store, component)`: async instantiation (required once a linker has
   async imports), polled to completion.
 - `AsyncCall(store, func, args)`: an export call in flight. `poll()` runs the guest until it
@@ -22,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import threading
+import time
 from ctypes import POINTER, byref
 from typing import Any, Callable
 
@@ -31,15 +34,30 @@ from wasmtime.component import Component, Instance, Linker, LinkerInstance
 from wasmtime.component._func import Func
 from wasmtime.component._types import FuncType
 
-from cluster import wasm_lists
+from cluster import wasm_lists, wasm_type_cache
 from cluster.pending import Pending
 
 wasm_lists.install()
+wasm_type_cache.install()
 
 # the epoch-yield setter is declared with the wrong return type in wasmtime-py 50
 ffi.dll.wasmtime_context_epoch_deadline_async_yield_and_update.restype = None
 ffi.dll.wasmtime_context_epoch_deadline_async_yield_and_update.argtypes = [POINTER(ffi.wasmtime_context_t),
                                                                            ctypes.c_uint64]
+
+
+class CallStats:
+    """Time the polling thread spends inside host imports (for benchmarks; read, then reset)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.seconds = 0.0
+
+    def reset(self) -> None:
+        self.calls, self.seconds = 0, 0.0
+
+
+import_stats = CallStats()
 
 
 class _AsyncImport:
@@ -84,15 +102,18 @@ def _continue(env):
     call = _in_flight.get(env or 0)
     if call is None or not call.pending.done:
         return False
+    t0 = time.perf_counter()
     if call.imp.result_type is not None:
         if call.pending.error is not None:  # a host bug: the start function's contract is to return values
             raise RuntimeError(f"async import {call.imp.name} failed: {call.pending.error!r}")
         call.imp.result_type.convert_to_c(None, call.pending.value, call.results)
+    import_stats.seconds += time.perf_counter() - t0
     return True
 
 
 @ffi.wasmtime_component_func_async_callback_t
 def _start(env, context, fty_raw, args, nargs, results, nresults, error_ret, continuation):
+    t0 = time.perf_counter()
     imp = _imports[env or 0]
     if imp.param_types is None:
         fty = FuncType._from_ptr(fty_raw, owner=imp)  # borrowed: wasmtime owns it
@@ -106,6 +127,14 @@ def _start(env, context, fty_raw, args, nargs, results, nresults, error_ret, con
     continuation[0].callback = _continue
     continuation[0].env = call_id
     continuation[0].finalizer = _forget_in_flight
+    import_stats.calls += 1
+    import_stats.seconds += time.perf_counter() - t0
+
+
+def add_sync_func(linker_instance: LinkerInstance, name: str, fn: Callable[..., Any]) -> None:
+    """Define import `name` answering at once: fn(*args) -> its value. Unlike wasmtime-py's own
+    add_func, the import's types are read once, not on every call."""
+    add_async_func(linker_instance, name, lambda *args: Pending.ready(fn(*args)))
 
 
 def add_async_func(linker_instance: LinkerInstance, name: str, start: Callable[..., Pending]) -> None:

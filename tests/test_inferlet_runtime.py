@@ -212,8 +212,10 @@ def test_messaging_between_inferlets(runner):
 
 def test_http_only_to_allowed_hosts(runner, tool_server):
     port = tool_server.rsplit(":", 1)[1]
-    outcome, [msg] = run_probe(runner, "http", tool_server, f"http://localhost:{port}/hello")
+    outcome, good = _run_beside_a_good_one(runner, "http", tool_server, f"http://localhost:{port}/hello")
     assert outcome.ok, outcome.error
+    assert good.ok and "Paris" in "".join(good.messages)
+    [msg] = [json.loads(m) for m in outcome.messages]
     assert (msg["get_status"], msg["get_body"]) == (200, "hello from the tool")
     assert (msg["post_status"], msg["post_body"]) == (201, "ping|1")
     assert "localhost" in msg["errors"]["disallowed"] and "allow" in msg["errors"]["disallowed"]
@@ -342,8 +344,9 @@ def test_no_network(runner):
 
 
 def test_message_flood_is_limited(runner):
-    outcome, msgs = run_probe(runner, "flood", 100_000, 50)
-    assert outcome.ok
+    outcome, good = _run_beside_a_good_one(runner, "flood", 100_000, 50)
+    assert outcome.ok and good.ok and "Paris" in "".join(good.messages)
+    msgs = [json.loads(m) for m in outcome.messages if m.startswith("{")]
     assert "exceeds the limit" in msgs[0]["error"]
     assert outcome.messages[1:] == [str(i) for i in range(50)]
 
@@ -396,3 +399,20 @@ def test_what_the_program_writes_to_stderr_reaches_the_client(runner):
     outcome = runner.run(EXAMPLE, ["--nope"])
     assert not outcome.ok
     assert "unrecognized arguments: --nope" in outcome.error and "SystemExit" in outcome.error
+
+
+EXAMPLES = EXAMPLE.parent
+
+
+def test_example_inferlets(runner, ex32):
+    beam = runner.run(EXAMPLES / "beam_search.py", ["--prompt", "What is the capital of France?"])
+    assert beam.ok, beam.error
+    assert "Paris" in beam.messages[0]
+    answer = runner.run(EXAMPLES / "json_answer.py")
+    assert answer.ok, answer.error
+    doc = json.loads(answer.messages[0])
+    assert isinstance(doc["answer"], str) and isinstance(doc["confident"], bool)
+    drafts = runner.run(EXAMPLES / "parallel_drafts.py", ["--drafts", "3", "--max-tokens", "12"])
+    assert drafts.ok, drafts.error
+    assert [m.splitlines()[0] for m in drafts.messages] == ["--- draft 1", "--- draft 2", "--- draft 3"]
+    assert len({m for m in drafts.messages}) > 1  # differently seeded samples differ

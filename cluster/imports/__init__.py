@@ -29,4 +29,4 @@ def define(linker: wc.Linker, session: InferletSession) -> None:
                     if imp.is_async:
                         wasm_async.add_async_func(inst, name, imp.fn)
                     else:
-                        inst.add_func(name, imp.fn)
+                        wasm_async.add_sync_func(inst, name, imp.fn)

@@ -11,18 +11,19 @@ from cluster.wit_values import guarded, guarded_async, plain_err
 
 @dataclass(frozen=True)
 class Import:
-    fn: Callable  # sync: fn(store, *args) -> value; async: fn(*args) -> Pending
+    fn: Callable  # sync: fn(*args) -> value; async: fn(*args) -> Pending
     is_async: bool = False
 
 
 def sync(fn: Callable, err=plain_err) -> Import:
     """An import answering at once; refusals become err(message)."""
-    return Import(guarded(fn, err))
+    guarded_fn = guarded(fn, err)
+    return Import(lambda *args: guarded_fn(None, *args))
 
 
 def raw(fn: Callable) -> Import:
     """An import that cannot fail (no result<>): called as fn(*args)."""
-    return Import(lambda store, *args: fn(*args))
+    return Import(fn)
 
 
 def waiting(session: InferletSession, fn: Callable[..., Pending], err=plain_err) -> Import:
