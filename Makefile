@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench proto clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,10 @@ test: setup
 
 bench: setup
 	$(PY) -m workers.bench --json docs/bench-latest.json
+
+# regenerate the committed gRPC code of cluster/proto (tests check it is current)
+proto: setup
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. cluster/proto/pie.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache
