@@ -12,7 +12,13 @@ step; forward passes queue until the policy dispatches them, all in one executor
 - eager: one pass per step, in arrival order (a baseline for measuring batching).
 - k: wait until k passes are queued.  t: wait t ms after the first queued pass.
 - kort: whichever of k and t comes first.
-A step takes passes in arrival order up to `max_batch_tokens` input tokens (at least one).
+Each step holds at most `max_batch_tokens` input tokens. Passes that fit whole go first, in
+arrival order; the budget left over goes to a chunk of the oldest pass that did not fit (a
+long prefill), whose remaining tokens run in the following steps (cluster/prefill_chunks.py).
+So a long prompt never stalls the decodes queued behind it, and no step exceeds the budget.
+A pass never overtakes an unfinished earlier one whose pages it touches (an inferlet's later
+pass may read what its earlier one writes). The Pending of a chunked pass completes with all
+of its outputs once its last chunk has run.
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from cluster.pending import Pending
+from cluster.prefill_chunks import chunk, written_pages
 from workers.executor import Executor
 from workers.step_types import ForwardRequest, pack_batch
 
@@ -50,10 +57,26 @@ class BatchPolicy:
 class StepRecord:
     """What one executor step did (kept for the last few hundred steps, for benchmarks)."""
 
-    num_passes: int
+    num_passes: int  # passes and chunks of passes
     num_tokens: int  # input tokens
     started: float  # time.perf_counter() at dispatch
     exec_s: float  # seconds inside executor.step
+
+
+@dataclass(eq=False)
+class _Queued:
+    """A pass waiting for (the rest of) its tokens to run."""
+
+    request: ForwardRequest
+    pending: Pending
+    queued_at: float  # time.perf_counter()
+    seq: int  # arrival number, from 1
+    taken: int = 0  # input tokens already handed to a step
+    outputs: dict[int, object] = field(default_factory=dict)  # results of earlier chunks, by output index
+
+    @property
+    def remaining(self) -> int:
+        return len(self.request.token_ids) - self.taken
 
 
 class Batcher:
@@ -63,10 +86,9 @@ class Batcher:
         self.steps: collections.deque[StepRecord] = collections.deque(maxlen=history)
         self._cond = threading.Condition()
         self._ops: collections.deque[tuple[Callable, Pending]] = collections.deque()
-        self._passes: collections.deque[tuple[ForwardRequest, Pending, float]] = collections.deque()
-        self._barriers: list[tuple[int, Pending]] = []  # (pass sequence number to reach, its Pending)
+        self._passes: collections.deque[_Queued] = collections.deque()  # arrival order
+        self._barriers: list[tuple[int, Pending]] = []  # (every pass up to this arrival number, its Pending)
         self._queued_seq = 0  # passes ever queued
-        self._done_seq = 0  # passes ever finished (they finish in queue order)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="executor", daemon=True)
         self._thread.start()
@@ -77,8 +99,8 @@ class Batcher:
         pending = Pending()
         with self._cond:
             self._check_open()
-            self._passes.append((request, pending, time.perf_counter()))
             self._queued_seq += 1
+            self._passes.append(_Queued(request, pending, time.perf_counter(), self._queued_seq))
             self._cond.notify()
         return pending
 
@@ -131,9 +153,9 @@ class Batcher:
             if batch:
                 self._step(batch)
             with self._cond:
-                self._done_seq += len(batch)
-                reached = [p for seq, p in self._barriers if seq <= self._done_seq]
-                self._barriers = [(seq, p) for seq, p in self._barriers if seq > self._done_seq]
+                unfinished = self._passes[0].seq if self._passes else self._queued_seq + 1
+                reached = [p for seq, p in self._barriers if seq < unfinished]
+                self._barriers = [(seq, p) for seq, p in self._barriers if seq >= unfinished]
             for p in reached:
                 p.complete(None)
 
@@ -142,42 +164,87 @@ class Batcher:
             return False
         if self._closed or self.policy.kind in ("adaptive", "eager"):
             return True
-        waited_ms = (time.perf_counter() - self._passes[0][2]) * 1e3
+        waited_ms = (time.perf_counter() - self._passes[0].queued_at) * 1e3
         enough = len(self._passes) >= self.policy.k
         late = waited_ms >= self.policy.t_ms
         return {"k": enough, "t": late, "kort": enough or late}[self.policy.kind]
 
     def _wait_timeout(self) -> float | None:
         if self._passes and self.policy.kind in ("t", "kort"):
-            waited = time.perf_counter() - self._passes[0][2]
+            waited = time.perf_counter() - self._passes[0].queued_at
             return max(0.0, self.policy.t_ms / 1e3 - waited)
         return None
 
-    def _take_batch(self) -> list[tuple[ForwardRequest, Pending, float]]:
-        limit = 1 if self.policy.kind == "eager" else len(self._passes)
-        batch, tokens = [], 0
-        while self._passes and len(batch) < limit:
-            n = len(self._passes[0][0].token_ids)
-            if batch and tokens + n > self.policy.max_batch_tokens:
+    def _take_batch(self) -> list[tuple[_Queued, int, int]]:
+        """(pass, first token, end token) for the next step; fully taken passes leave the queue."""
+        budget = self.policy.max_batch_tokens
+        eager = self.policy.kind == "eager"
+        ps = self.executor.info.page_size
+        batch, deferred = [], []
+        reads: set[int] = set()  # every page of a pass left (partly) waiting
+        writes: set[int] = set()  # the pages its waiting tokens will write
+
+        def free(q: _Queued) -> bool:
+            """No earlier waiting pass writes what q touches, or touches what q writes."""
+            if not reads:
+                return True
+            return not ({int(p) for p in q.request.kv_page_indices} & writes
+                        or written_pages(q.request, ps, q.taken) & reads)
+
+        def wait(q: _Queued) -> None:
+            deferred.append(q)
+            reads.update(int(p) for p in q.request.kv_page_indices)
+            writes.update(written_pages(q.request, ps, q.taken))
+
+        for q in self._passes:  # whole passes first, in arrival order
+            if budget == 0 or (eager and (batch or deferred)):
                 break
-            batch.append(self._passes.popleft())
-            tokens += n
+            if q.remaining <= budget and free(q):
+                batch.append((q, q.taken, len(q.request.token_ids)))
+                budget -= q.remaining
+            else:
+                wait(q)
+        if budget and deferred and not (eager and batch):  # the budget left: a chunk of the oldest
+            waiting, deferred = deferred, []
+            reads.clear(), writes.clear()
+            for q in waiting:
+                if free(q):
+                    batch.append((q, q.taken, q.taken + min(budget, q.remaining)))
+                    break
+                wait(q)
+        for q, _, end in batch:
+            q.taken = end
+        if any(q.remaining == 0 for q, _, _ in batch):
+            self._passes = collections.deque(q for q in self._passes if q.remaining)
+        batch.sort(key=lambda item: item[0].seq)
         return batch
 
-    def _step(self, batch) -> None:
-        requests = [request for request, _, _ in batch]
+    def _step(self, batch: list[tuple[_Queued, int, int]]) -> None:
+        ps = self.executor.info.page_size
+        parts = [(q, None) if end - start == len(q.request.token_ids) else (q, chunk(q.request, start, end, ps))
+                 for q, start, end in batch]
+        requests = [q.request if c is None else c.request for q, c in parts]
         started = time.perf_counter()
         try:
             results = self.executor.step(pack_batch(requests)).results
         except Exception as e:
             log.exception("executor step over %d passes failed", len(batch))
-            for _, pending, _ in batch:
-                pending.fail(e)
+            failed = {id(q) for q, _ in parts}
+            with self._cond:  # the unrun rest of a failed chunked pass goes too
+                self._passes = collections.deque(q for q in self._passes if id(q) not in failed)
+            for q, _ in parts:
+                q.pending.fail(e)
             return
         exec_s = time.perf_counter() - started
         self.steps.append(StepRecord(len(batch), sum(len(r.token_ids) for r in requests), started, exec_s))
         k = 0
-        for request, pending, _ in batch:
+        for (q, c), request in zip(parts, requests):
             n = len(request.samplers)
-            pending.complete(results[k:k + n])
-            k += n
+            mine, k = results[k:k + n], k + n
+            if c is None:
+                q.pending.complete(mine)
+                continue
+            q.outputs.update(zip(c.outputs, mine))
+            if q.remaining == 0:
+                q.pending.complete([q.outputs[i] for i in range(len(q.request.samplers))])
+

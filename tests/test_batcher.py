@@ -196,7 +196,7 @@ def test_kort_policy_goes_at_k_or_after_t_whichever_first(ex32, chat_ids, make_b
         assert step.num_passes == 2 and step.started - queued < 10
 
 
-def test_max_batch_tokens_splits_a_big_queue_into_steps(ex32, chat_ids, make_batcher):
+def test_max_batch_tokens_bounds_every_step_and_chunks_what_does_not_fit(ex32, chat_ids, make_batcher):
     ps = ex32.info.page_size
     sizes = [6, 6, 3, 12, 1]
     with allocated(ex32, sum(pages_needed(n, ps) for n in sizes)) as pool:
@@ -205,10 +205,80 @@ def test_max_batch_tokens_splits_a_big_queue_into_steps(ex32, chat_ids, make_bat
         requests = [greedy_pass(ex32, chat_ids[:n], p) for n, p in zip(sizes, split(pool, sizes, ps))]
         pendings = [batcher.forward(r) for r in requests]
         hold.release()
-        for p, r in zip(pendings, requests):
-            assert len(p.wait(WAIT_S)) == len(r.samplers)
-    # arrival order, up to 10 tokens a step; a pass over the limit still goes, alone
-    assert [(s.num_passes, s.num_tokens) for s in batcher.steps] == [(1, 6), (2, 9), (1, 12), (1, 1)]
+        tokens = [p.wait(WAIT_S)[0].token for p in pendings]
+        assert tokens == [ex32.step(pack_batch([r])).results[0].token for r in requests]
+    # step 1: the passes that fit whole, in arrival order (6, 3, 1); step 2: the other 6 and the
+    # first 4 tokens of the 12; step 3: its last 8
+    assert [(s.num_passes, s.num_tokens) for s in batcher.steps] == [(3, 10), (2, 10), (1, 8)]
+
+
+def test_a_chunked_prefill_gives_the_outputs_of_the_whole_pass(ex32, chat_ids, make_batcher):
+    """History of 5 slots, then a 32-token pass with outputs in every chunk and a custom mask,
+    under a 12-token budget: three chunks whose outputs equal the whole pass's, in its order."""
+    ps, vocab = ex32.info.page_size, ex32.info.vocab_size
+    history, tokens = chat_ids[:5], chat_ids[5:37]
+    kv = len(history) + len(tokens)
+    mask = np.tril(np.ones((len(tokens), kv), dtype=bool), k=len(history))
+    mask[:, 3] = False  # nobody attends to slot 3: a mask the chunks must keep
+    outputs = [31, 0, 11, 12, 20, 5]  # out of order, on both sides of the chunk borders
+    with allocated(ex32, pages_needed(kv, ps)) as pages:
+        ex32.step(pack_batch([make_request(history, pages[:pages_needed(len(history), ps)], ps)]))
+        request = make_request(tokens, pages, ps, start=len(history), outputs=outputs,
+                               samplers=[full_logprobs(vocab)] * len(outputs), mask=mask)
+        whole = step_logprobs(ex32, [request])[0]
+        batcher = make_batcher(ex32, BatchPolicy(max_batch_tokens=12))
+        got = batcher.forward(request).wait(WAIT_S)
+    assert [(s.num_passes, s.num_tokens) for s in batcher.steps] == [(1, 12), (1, 12), (1, 8)]
+    assert max_abs_diff(np.stack([r.logprobs for r in got]), whole) < BATCH_TOL
+
+
+def test_decodes_keep_flowing_beside_a_long_prefill(ex32, chat_ids, make_batcher):
+    """A 36-token prefill queued before three decodes, budget 16: the decodes go in the first step
+    with a 13-token chunk of the prefill, and finish before it does."""
+    ps = ex32.info.page_size
+    with allocated(ex32, pages_needed(36, ps) + 3) as pool:
+        prompts = [pool[pages_needed(36, ps) + i:pages_needed(36, ps) + i + 1] for i in range(3)]
+        for i, p in enumerate(prompts):  # each decode continues a 5-token history
+            ex32.step(pack_batch([make_request(chat_ids[i:i + 5], p, ps)]))
+        batcher = make_batcher(ex32, BatchPolicy(max_batch_tokens=16))
+        hold = make_batcher.hold(batcher)
+        prefill = batcher.forward(greedy_pass(ex32, chat_ids[:36], pool[:pages_needed(36, ps)]))
+        decodes = [batcher.forward(make_request([chat_ids[20 + i]], p, ps, start=5, outputs=[0],
+                                                samplers=[Sampler()])) for i, p in enumerate(prompts)]
+        hold.release()
+        decodes[-1].wait(WAIT_S)
+        assert len(batcher.steps) == 1 and not prefill.done
+        prefill.wait(WAIT_S)
+    assert [(s.num_passes, s.num_tokens) for s in batcher.steps] == [(4, 16), (1, 16), (1, 7)]
+
+
+def test_a_pass_never_overtakes_an_earlier_one_on_its_pages(ex32, chat_ids, make_batcher):
+    """An inferlet's prefill (chunked) and then its next decode on the same pages, plus another
+    inferlet's decode: the first inferlet's decode waits for its whole prefill; the other does not."""
+    ps = ex32.info.page_size
+    n = 30
+    with allocated(ex32, pages_needed(n + 1, ps) + 1) as pool:
+        own, other = pool[:pages_needed(n + 1, ps)], pool[-1:]
+        ex32.step(pack_batch([make_request(chat_ids[:5], other, ps)]))
+        prefill = greedy_pass(ex32, chat_ids[:n], own[:pages_needed(n, ps)])
+        follow = make_request([chat_ids[n]], own, ps, start=n, outputs=[0], samplers=[Sampler()])
+        batcher = make_batcher(ex32, BatchPolicy(max_batch_tokens=8))
+        hold = make_batcher.hold(batcher)
+        pendings = [batcher.forward(prefill), batcher.forward(follow),
+                    batcher.forward(make_request([chat_ids[5]], other, ps, start=5, outputs=[0],
+                                                 samplers=[Sampler()]))]
+        hold.release()
+        got = [p.wait(WAIT_S)[0].token for p in pendings]
+        steps = [(s.num_passes, s.num_tokens) for s in batcher.steps]
+        # the other decode rides in step 1; the follow-up waits for the step with the prefill's last
+        # chunk (within a step the executor writes every pass's KV before any pass attends)
+        assert steps == [(2, 8), (1, 8), (1, 8), (2, 8)]
+        # the same tokens as the passes one after another, unbatched
+        with allocated(ex32, pages_needed(n + 1, ps)) as fresh:
+            want = [ex32.step(pack_batch([greedy_pass(ex32, chat_ids[:n], fresh[:pages_needed(n, ps)])])).results[0].token,
+                    ex32.step(pack_batch([make_request([chat_ids[n]], fresh, ps, start=n, outputs=[0],
+                                                       samplers=[Sampler()])])).results[0].token]
+        assert got[:2] == want
 
 
 def test_call_runs_on_the_executor_thread_before_later_passes(ex32, chat_ids, make_batcher):
