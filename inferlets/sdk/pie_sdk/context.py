@@ -78,9 +78,22 @@ class Context:
     def fill_tokens(self, tokens) -> None:
         self.pending.extend(tokens)
 
-    def fill_chat(self, messages, add_generation_prompt: bool = True) -> None:
-        """Append chat messages [(role, content)] rendered by the model's chat template."""
-        self.fill(unwrap(model.apply_chat_template, list(messages), add_generation_prompt))
+    def fill_chat(self, messages, add_generation_prompt: bool = True, after=()) -> None:
+        """Append chat messages [(role, content)] rendered by the model's chat template.
+
+        `after`: messages this context already holds (filled with add_generation_prompt=False);
+        only what the template renders after them is appended, so a conversation can be filled
+        turn by turn (a system prompt once, then each user turn).
+        """
+        after = list(after)
+        text = unwrap(model.apply_chat_template, after + list(messages), add_generation_prompt)
+        if after:
+            head = unwrap(model.apply_chat_template, after, False)
+            if not text.startswith(head):
+                raise ValueError("the chat template renders these messages differently after more follow; "
+                                 "fill the whole conversation at once")
+            text = text[len(head):]
+        self.fill(text)
 
     # -- pages -----------------------------------------------------------------------------------
     def _own_page(self, index: int) -> int:
@@ -165,6 +178,13 @@ class Context:
         self.pending = []
         return handle
 
+    def flush(self) -> None:
+        """Write the pending tokens' KV now, with no output (e.g. before export)."""
+        if self.pending:
+            unwrap(forward.wait, self._submit(self.pending, []))
+            self.tokens.extend(self.pending)
+            self.pending = []
+
     def step(self, sampler=None, allowed=None, grammar=None):
         """Write the pending tokens' KV and return the output at the last one."""
         return unwrap(forward.wait, self.submit_step(sampler, allowed, grammar))[0].value
@@ -224,6 +244,12 @@ class Context:
                            "next_position": self.next_position})
         unwrap(kv.export_pages, name, self.pages, meta, persistent)
         _readonly.update(self.pages)
+
+    @staticmethod
+    def unexport(name: str) -> None:
+        """Remove the export `name` (a persistent one may be removed by anyone); its pages are
+        freed once no context holds them."""
+        unwrap(kv.unexport, name)
 
     @classmethod
     def import_(cls, name: str) -> "Context":
