@@ -31,3 +31,19 @@ class HttpDenied(InferletError):
 
 class HttpFailed(InferletError):
     """An allowed HTTP request failed: connection error, timeout, or a response over the size limit."""
+
+
+class ProgramTooLarge(InferletError):
+    """An uploaded program is over the server's size limit."""
+
+
+class UnknownProgram(InferletError):
+    """No program with this id was uploaded to this server."""
+
+
+class UnknownInferlet(InferletError):
+    """No inferlet with this instance id runs (or recently ran) on this server."""
+
+
+class HostBusy(InferletError):
+    """The server already runs as many inferlets as it allows."""

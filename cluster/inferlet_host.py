@@ -68,7 +68,8 @@ class RunningInferlet:
 
 
 class InferletHost:
-    """Launches inferlets on one executor. `program` is a .py source (built on demand) or a .wasm."""
+    """Launches inferlets on one executor. `program` is a .py source (built on demand), a .wasm, or a
+    component already compiled by this host's sandbox."""
 
     def __init__(self, executor: Executor, limits: Limits = Limits(), policy: BatchPolicy = BatchPolicy(),
                  http_policy: HttpPolicy = HttpPolicy(), bus_limits: BusLimits | None = None,
@@ -87,7 +88,9 @@ class InferletHost:
     def executor(self) -> Executor:
         return self.services.executor
 
-    def component(self, program: str | Path) -> wc.Component:
+    def component(self, program: str | Path | wc.Component) -> wc.Component:
+        if isinstance(program, wc.Component):
+            return program
         path = Path(program)
         if path.suffix == ".py":
             path = build(path)
@@ -95,7 +98,7 @@ class InferletHost:
             raise InvalidComponentError(f"{program}: expected a .py source or a .wasm component")
         return self.sandbox.load(path)
 
-    def launch(self, program: str | Path, arguments: list[str] = (), limits: Limits | None = None,
+    def launch(self, program: str | Path | wc.Component, arguments: list[str] = (), limits: Limits | None = None,
                on_message: Callable[[str], None] | None = None,
                on_end: Callable[[Outcome], None] | None = None) -> RunningInferlet:
         component = self.component(program)
@@ -120,7 +123,7 @@ class InferletHost:
         self.scheduler.start(task)
         return RunningInferlet(instance_id, self, session, task, outcome, finished)
 
-    def run(self, program: str | Path, arguments: list[str] = (), **kwargs) -> Outcome:
+    def run(self, program: str | Path | wc.Component, arguments: list[str] = (), **kwargs) -> Outcome:
         return self.launch(program, arguments, **kwargs).wait()
 
     def close(self) -> None:

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from cluster.sandbox import Limits
 
 
+class InferletEnded(Refused):
+    """A message for an inferlet that has ended: nobody will read it."""
+
+
 @dataclass
 class PassInFlight:
     pending: Pending  # completes with the converted outputs (or fails)
@@ -62,7 +66,7 @@ class InferletSession:
             raise Refused(f"message of {size} bytes exceeds the limit of {self.limits.max_message_bytes}")
         with self._lock:
             if self.ended:
-                raise Refused(f"inferlet {self.instance_id} has ended")
+                raise InferletEnded(f"inferlet {self.instance_id} has ended")
             while self._receivers:
                 receiver = self._receivers.popleft()
                 if not receiver.done:
