@@ -2,11 +2,21 @@
 
     pie build SOURCE.py [-o OUT.wasm]        build an inferlet into a component (cached by content)
     pie run PROGRAM [--model M] [-- ARGS...]   run an inferlet on the embedded engine, printing what it sends
+    pie serve [--host 127.0.0.1] [--port 50051] [--model M] [--dtype bf16] [--token T] [--max-running N]
+                                             serve the client gRPC API until Ctrl-C or SIGTERM
+                                             (--port 0: any free port; the token may come from PIE_TOKEN)
+    pie submit --addr HOST:PORT PROGRAM [--token T] [-- ARGS...]
+                                             upload PROGRAM (.py, built here, or .wasm) to a server, run it,
+                                             print what it sends; exit 0 if it finished, 1 if it failed,
+                                             2 if it could not be submitted
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 
 from cluster.errors import InferletError
 from workers.errors import WorkerError
@@ -33,8 +43,78 @@ def _run(opts) -> int:
     return 0
 
 
+def _serve(opts) -> int:
+    from cluster.grpc_server import DEFAULT_MAX_RUNNING, serve
+    from cluster.inferlet_host import InferletHost
+    from workers.torch_executor import TorchExecutor
+
+    executor = TorchExecutor.load(opts.model, dtype=opts.dtype)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    with InferletHost(executor) as host:
+        try:
+            server = serve(host, opts.port, opts.host, token=opts.token or None,
+                           max_running=opts.max_running or DEFAULT_MAX_RUNNING)
+        except OSError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        auth = "a bearer token" if opts.token else "no authentication"
+        print(f"pie: serving {executor.info.name} on {server.target} ({auth})", flush=True)
+        stopping.wait()
+        print("pie: stopping", flush=True)
+        server.stop(grace=2.0)
+    return 0
+
+
+def _submit(opts) -> int:
+    from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFailed
+
+    program = opts.program
+    try:
+        if program.endswith(".py"):
+            from cluster.inferlet_build import build
+
+            program = build(program)
+        elif not program.endswith(".wasm"):
+            print(f"error: {program}: expected a .py source or a .wasm component", file=sys.stderr)
+            return 2
+        with PieClient(opts.addr, token=opts.token or None) as client:
+            program_id = client.upload(program)
+            stream = client.launch(program_id, opts.args)
+            try:
+                for event in stream:
+                    if isinstance(event, Message):
+                        sys.stdout.write(event.text)
+                        sys.stdout.flush()
+                    elif isinstance(event, Finished):
+                        print()
+                        return 0
+                    elif isinstance(event, Failed):
+                        print()
+                        print(f"error: the inferlet failed: {event.error}", file=sys.stderr)
+                        return 1
+            except KeyboardInterrupt:
+                stream.cancel()  # the server stops the inferlet
+                print("\npie: interrupted; the inferlet was stopped", file=sys.stderr)
+                return 130
+    except (RequestFailed, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"error: the server at {opts.addr} ended the stream without saying how the inferlet ended",
+          file=sys.stderr)
+    return 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pie", description="Build and run inferlets.")
+    ap = argparse.ArgumentParser(prog="pie", description="Build, run and serve inferlets.")
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build an inferlet's Python source into a WebAssembly component")
     b.add_argument("source")
@@ -43,13 +123,25 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("program")
     r.add_argument("--model", default=None, help="a .gguf file, a model directory or a hub id (default: SmolLM2)")
     r.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    s = sub.add_parser("serve", help="serve the client gRPC API on the embedded engine")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
+    s.add_argument("--model", default=None, help="a .gguf file, a model directory or a hub id (default: SmolLM2)")
+    s.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    s.add_argument("--token", default=os.environ.get("PIE_TOKEN"),
+                   help="require `authorization: Bearer TOKEN` on every call (default: $PIE_TOKEN)")
+    s.add_argument("--max-running", type=_positive_int, default=None, help="inferlets running at once (default: 224)")
+    m = sub.add_parser("submit", help="run an inferlet on a pie server, printing what it sends")
+    m.add_argument("--addr", required=True, help="the server, HOST:PORT")
+    m.add_argument("program", help="a .py source (built here, cached) or a .wasm component")
+    m.add_argument("--token", default=os.environ.get("PIE_TOKEN"), help="the server's token (default: $PIE_TOKEN)")
     argv = sys.argv[1:] if argv is None else list(argv)
     # everything after the first "--" belongs to the inferlet
     split = argv.index("--") if "--" in argv else len(argv)
     opts = ap.parse_args(argv[:split])
     opts.args = argv[split + 1:]
     try:
-        return {"build": _build, "run": _run}[opts.command](opts)
+        return {"build": _build, "run": _run, "serve": _serve, "submit": _submit}[opts.command](opts)
     except (InferletError, WorkerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
