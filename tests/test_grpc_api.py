@@ -1,0 +1,345 @@
+"""The client gRPC API over real gRPC on loopback, in front of a real host and the real model.
+
+One server per module over one InferletHost on the session's fp32 executor; a few more small
+servers (a token, tiny limits) share that host. Every test must leave every KV page free.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import wasmtime
+
+from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started
+from cluster.grpc_server import serve
+from cluster.inferlet_build import build
+from cluster.inferlet_host import InferletHost
+from cluster.program_store import program_id_of
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "inferlets" / "examples" / "text_completion.py"
+ECHO = ROOT / "tests" / "inferlets" / "echo.py"
+PROBE = ROOT / "tests" / "inferlets" / "api_probe.py"
+QUESTION = "What is the capital of France?"
+STORY = "Write a long story about a dragon who learns to bake bread."
+
+
+def wait_until(condition, timeout_s: float = 60.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout_s} s")
+        time.sleep(0.02)
+
+
+def collect(stream) -> tuple[list[str], Finished | Failed]:
+    """(messages, terminal event) of a launch stream, checking its shape: Started, Message*, one end."""
+    events = list(stream)
+    assert isinstance(events[0], Started) and events[0].instance_id
+    assert all(isinstance(e, Message) for e in events[1:-1]), events
+    assert isinstance(events[-1], (Finished, Failed)), events[-1]
+    return [e.text for e in events[1:-1]], events[-1]
+
+
+def next_message(events) -> str:
+    event = next(events)
+    assert isinstance(event, Message), event
+    return event.text
+
+
+@pytest.fixture(scope="module")
+def host(_executor_fp32):
+    with InferletHost(_executor_fp32) as host:
+        yield host
+
+
+@pytest.fixture(scope="module")
+def server(host):
+    server = serve(host, port=0)
+    yield server
+    server.stop()
+    assert server.service.List(None, None).inferlets == []
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with PieClient(server.target) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def wasm() -> dict[str, bytes]:
+    """The test inferlets' components (built once, cached by content)."""
+    return {name: build(path).read_bytes() for name, path in
+            (("text_completion", EXAMPLE), ("echo", ECHO), ("probe", PROBE))}
+
+
+@pytest.fixture(scope="module")
+def programs(client, wasm) -> dict[str, str]:
+    return {name: client.upload(data) for name, data in wasm.items()}
+
+
+@pytest.fixture(autouse=True)
+def no_pages_leak(_executor_fp32):
+    """Each test ends with every page it took back on the free list (ending inferlets release theirs
+    as their last passes complete, so wait a bounded while)."""
+    free = _executor_fp32.num_free_pages
+    yield
+    wait_until(lambda: _executor_fp32.num_free_pages == free, 60, "all KV pages back on the free list")
+    _executor_fp32.check_idle_invariant()
+
+
+def test_an_upload_is_named_by_its_digest_and_a_second_one_is_cheap(client, wasm, programs):
+    data = wasm["echo"]
+    assert programs["echo"] == program_id_of(data)
+    t0 = time.perf_counter()
+    assert client.upload(data) == programs["echo"]
+    again_s = time.perf_counter() - t0
+    assert client.upload(data, sha256="") == programs["echo"]  # no declared digest: all bytes sent, same id
+    print(f"\nre-upload of a {len(data) >> 20} MiB component already held: {again_s * 1e3:.1f} ms")
+    assert again_s < 2.0
+
+
+def test_many_inferlets_at_once(client, programs):
+    args = ["--prompt", QUESTION, "--max-tokens", "12"]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: collect(client.launch(programs["text_completion"], args)), range(8)))
+    for messages, end in results:
+        assert isinstance(end, Finished), end
+        assert "Paris" in "".join(messages)
+    assert client.health().running == 0
+
+
+def test_messages_stream_while_the_inferlet_runs(client, programs):
+    stream = client.launch(programs["text_completion"], ["--prompt", STORY, "--max-tokens", "40"])
+    events = iter(stream)
+    started = next(events)
+    first = next_message(events)
+    listed = {i.instance_id: i for i in client.list()}
+    assert started.instance_id in listed  # the first message came before the end
+    assert listed[started.instance_id].program_id == programs["text_completion"]
+    rest = list(events)
+    assert isinstance(rest[-1], Finished) and len(rest) > 10
+    assert first and all(isinstance(e, Message) for e in rest[:-1])
+    assert started.instance_id not in {i.instance_id for i in client.list()}
+
+
+def test_send_and_receive(client, programs):
+    stream = client.launch(programs["echo"])
+    events = iter(stream)
+    instance = next(events).instance_id
+    assert next_message(events) == "ready, holding 0 pages"
+    t0 = time.perf_counter()
+    for i in range(20):
+        client.send(instance, f"ping {i}")
+        assert next_message(events) == f"ping {i}"
+    print(f"\nsend -> echoed message round trip: {(time.perf_counter() - t0) / 20 * 1e3:.2f} ms")
+    with pytest.raises(RequestFailed) as too_large:
+        client.send(instance, "x" * (65 << 10))
+    assert too_large.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "exceeds the limit" in str(too_large.value)
+    client.send(instance, "quit")
+    assert isinstance(next(events), Finished)
+    with pytest.raises(RequestFailed) as ended:
+        client.send(instance, "too late")
+    assert ended.value.code == grpc.StatusCode.FAILED_PRECONDITION and "has ended" in str(ended.value)
+
+
+def test_unknown_instances_and_programs_are_not_found(client):
+    for call in (lambda: client.send("inferlet-424242", "hi"), lambda: client.terminate("inferlet-424242"),
+                 lambda: list(client.launch("0" * 64)), lambda: list(client.launch("not-an-id"))):
+        with pytest.raises(RequestFailed) as e:
+            call()
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        assert "upload it first" in str(e.value) or "started` event" in str(e.value)
+
+
+def test_terminate_mid_generation(client, programs, _executor_fp32):
+    stream = client.launch(programs["text_completion"], ["--prompt", STORY, "--max-tokens", "400"])
+    events = iter(stream)
+    instance = next(events).instance_id
+    next_message(events), next_message(events)
+    client.terminate(instance)
+    rest = list(events)
+    assert all(isinstance(e, Message) for e in rest[:-1]) and len(rest) < 100
+    assert isinstance(rest[-1], Failed) and "terminated by its client" in rest[-1].error
+
+
+def test_a_cancelled_stream_stops_its_inferlet(client, programs):
+    stream = client.launch(programs["text_completion"], ["--prompt", STORY, "--max-tokens", "400"])
+    events = iter(stream)
+    instance = next(events).instance_id
+    next_message(events)
+    stream.cancel()
+    assert all(isinstance(e, Message) for e in events)  # our own cancel ends the iteration quietly
+    wait_until(lambda: instance not in {i.instance_id for i in client.list()}, 30, "the inferlet stopping")
+
+
+def test_a_client_that_goes_away_loses_its_inferlet_and_pages(server, programs, _executor_fp32):
+    free = _executor_fp32.num_free_pages
+    gone = PieClient(server.target)
+    events = iter(gone.launch(programs["echo"], ["8"]))
+    next(events)
+    assert next_message(events) == "ready, holding 8 pages"
+    assert _executor_fp32.num_free_pages == free - 8
+    gone.close()  # the whole connection goes: the server sees the call cancelled
+    wait_until(lambda: _executor_fp32.num_free_pages == free, 30, "the echo's 8 pages coming back")
+    assert server.service.List(None, None).inferlets == []
+
+
+def test_a_flood_of_messages_arrives_whole_and_in_order(client, programs):
+    t0 = time.perf_counter()
+    messages, end = collect(client.launch(programs["probe"], ["flood", "1", "5000"]))
+    elapsed = time.perf_counter() - t0
+    assert isinstance(end, Finished), end
+    assert messages == ["x"] + [str(i) for i in range(5000)]
+    print(f"\n5001 messages streamed in {elapsed:.2f} s: {5001 / elapsed:.0f} messages/s (launch included)")
+
+
+def test_an_inferlets_own_error_ends_its_stream(client, programs):
+    messages, end = collect(client.launch(programs["probe"], ["raise"]))
+    assert isinstance(end, Failed)
+    assert "ValueError: the inferlet's own failure" in end.error and "api_probe.py" in end.error
+
+
+def test_bad_uploads_are_refused_with_their_cause(client, wasm):
+    cases = [
+        (b"hello, not wasm", "not WebAssembly"),
+        (b"", "empty"),
+        (wasmtime.wat2wasm("(module)"), "core WebAssembly module"),
+        (wasmtime.wat2wasm("(component)"), "exports no `run`"),
+        (b"\0asm\x0d\x00\x01\x00garbage", "not a valid WebAssembly component"),
+    ]
+    for data, cause in cases:
+        with pytest.raises(RequestFailed) as e:
+            client.upload(data)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and cause in str(e.value), (data[:16], e.value)
+    with pytest.raises(RequestFailed) as e:
+        client.upload(wasm["echo"], sha256="ab" * 32)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "not the declared" in str(e.value)
+
+
+def test_an_upload_over_the_limit_is_refused(host, wasm):
+    small = serve(host, port=0, max_component_bytes=100_000)
+    try:
+        with PieClient(small.target) as client:
+            with pytest.raises(RequestFailed) as declared:
+                client.upload(wasm["echo"])  # refused on the first chunk, which declares the size
+            with pytest.raises(RequestFailed) as counted:
+                client.upload(wasm["echo"], sha256="", chunk_bytes=40_000)  # refused once the bytes pass it
+        for e in (declared, counted):
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 100000" in str(e.value)
+    finally:
+        small.stop()
+
+
+def test_too_many_running_inferlets(host, wasm):
+    one = serve(host, port=0, max_running=1)
+    try:
+        with PieClient(one.target) as client:
+            echo = client.upload(wasm["echo"])
+            events = iter(client.launch(echo))
+            instance = next(events).instance_id
+            with pytest.raises(RequestFailed) as busy:
+                list(client.launch(echo))
+            assert busy.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "its limit" in str(busy.value)
+            client.terminate(instance)
+            assert isinstance(list(events)[-1], Failed)
+            wait_until(lambda: client.health().running == 0, 10, "the echo ending")
+    finally:
+        one.stop()
+
+
+def test_a_server_with_a_token_wants_it_on_every_call(host, wasm):
+    guarded = serve(host, port=0, token="s3cret")
+    try:
+        for token in (None, "wrong"):
+            with PieClient(guarded.target, token=token) as client:
+                for call in (client.health, client.list, lambda: client.upload(wasm["echo"]),
+                             lambda: list(client.launch("0" * 64)), lambda: client.send("inferlet-1", "hi")):
+                    with pytest.raises(RequestFailed) as e:
+                        call()
+                    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED, e.value
+                    assert ("needs a token" if token is None else "token is wrong") in str(e.value)
+        with PieClient(guarded.target, token="s3cret") as client:
+            assert client.health().status == "serving"
+            echo = client.upload(wasm["echo"])
+            events = iter(client.launch(echo))
+            instance = next(events).instance_id
+            next_message(events)
+            client.send(instance, "quit")
+            assert isinstance(next(events), Finished)
+    finally:
+        guarded.stop()
+
+
+def test_health_and_list(client, server, _executor_fp32):
+    health = client.health()
+    info = _executor_fp32.info
+    assert (health.status, health.model, health.total_pages) == ("serving", info.name, info.num_pages)
+    assert health.free_pages == _executor_fp32.num_free_pages and health.running == 0
+    assert client.list() == []
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        client.health()
+    print(f"\nunary round trip (Health): {(time.perf_counter() - t0) / n * 1e3:.2f} ms")
+
+
+def test_generated_code_is_current(tmp_path):
+    """cluster/proto/*_pb2*.py are what `make proto` makes from pie.proto now."""
+    generated = ["pie_pb2.py", "pie_pb2.pyi", "pie_pb2_grpc.py"]
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={tmp_path}",
+                    f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", "cluster/proto/pie.proto"],
+                   cwd=ROOT, check=True)
+    for name in generated:
+        fresh = (tmp_path / "cluster" / "proto" / name).read_bytes()
+        assert fresh == (ROOT / "cluster" / "proto" / name).read_bytes(), f"{name} is stale: run `make proto`"
+
+
+# -- the command line: pie serve and pie submit, as processes ----------------------------------------
+
+@pytest.fixture(scope="module")
+def pie_server(session_cache_dir, tmp_path_factory):
+    """`pie serve --port 0` in its own process; yields its address."""
+    env = {**os.environ, "PIE_CACHE_DIR": session_cache_dir, "PIE_TOKEN": ""}
+    log = tmp_path_factory.mktemp("pie-serve") / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--port", "0", "--dtype", "fp32"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    lines: list[str] = []
+    address = threading.Event()
+    reader = threading.Thread(target=lambda: [lines.append(ln) or address.set() for ln in proc.stdout], daemon=True)
+    reader.start()
+    if not address.wait(180):
+        proc.kill()
+        pytest.fail(f"pie serve printed no address; its stderr:\n{log.read_text()[-3000:]}")
+    served = re.match(r"pie: serving .* on (127\.0\.0\.1:\d+) ", lines[0])
+    assert served, (lines, log.read_text()[-3000:])
+    yield served.group(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    reader.join(5)
+    assert lines[-1].strip() == "pie: stopping"
+
+
+def _submit(address: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", "submit", "--addr", address, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PIE_TOKEN": ""})
+
+
+def test_pie_serve_and_pie_submit(pie_server):
+    done = _submit(pie_server, str(EXAMPLE), "--", "--prompt", QUESTION, "--max-tokens", "16")
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    failed = _submit(pie_server, str(EXAMPLE), "--", "--nope")
+    assert failed.returncode == 1
+    assert "unrecognized arguments: --nope" in failed.stderr
+    unreachable = _submit("127.0.0.1:1", str(EXAMPLE))
+    assert unreachable.returncode == 2 and "UNAVAILABLE" in unreachable.stderr
