@@ -21,41 +21,24 @@ import threading
 import time
 from pathlib import Path
 
-from cluster import wasm_async
 from cluster.batcher import BatchPolicy
+from cluster.bench_common import DelegatingExecutor, host_counters, load_executor, reset_counters, wait_all_ok
 from cluster.inferlet_host import InferletHost
 from cluster.sandbox import Limits
-from workers.executor import Executor
 from workers.step_types import OutputResult, StepOutput
 
 PROGRAM = Path(__file__).resolve().parent.parent / "inferlets" / "bench" / "decode_tokens.py"
 
 
-class InstantExecutor(Executor):
+class InstantExecutor(DelegatingExecutor):
     """Wraps a real executor (pages, tokenizer, info) but answers every step at once: output
     token = input token + 1. Isolates the host's cost from the model's."""
-
-    def __init__(self, real: Executor):
-        self.real = real
-
-    info = property(lambda self: self.real.info)
-    tokenizer = property(lambda self: self.real.tokenizer)
-    num_free_pages = property(lambda self: self.real.num_free_pages)
-
-    def allocate_pages(self, n):
-        return self.real.allocate_pages(n)
-
-    def free_pages(self, pages):
-        self.real.free_pages(pages)
 
     def copy_slots(self, *args):
         pass
 
     def mask_slots(self, *args):
         pass
-
-    def check_idle_invariant(self):
-        self.real.check_idle_invariant()
 
     def step(self, batch):
         last = batch.token_ids[batch.output_token_indices]
@@ -64,9 +47,7 @@ class InstantExecutor(Executor):
 
 def run_many(host: InferletHost, n: int, tokens: int) -> dict:
     """Launch n decode inferlets at once; return timings of the whole run and of its steps."""
-    host.services.batcher.steps.clear()
-    wasm_async.import_stats.reset()
-    host.scheduler.poll_seconds = 0.0
+    reset_counters(host)
     started = {}
     launched_at = {}
     lock = threading.Lock()
@@ -83,25 +64,11 @@ def run_many(host: InferletHost, n: int, tokens: int) -> dict:
     for i in range(n):
         launched_at[i] = time.perf_counter()
         running.append(host.launch(PROGRAM, ["Once upon a time", str(tokens)], on_message=on_message(i)))
-    outcomes = [r.wait(1800) for r in running]
+    wait_all_ok(running)
     wall = time.perf_counter() - t0
-    failed = [o.error for o in outcomes if not o.ok]
-    if failed:
-        raise RuntimeError(f"{len(failed)} inferlets failed; first: {failed[0]}")
-    steps = list(host.services.batcher.steps)
-    calls, import_s, poll_s = wasm_async.import_stats.calls, wasm_async.import_stats.seconds, host.scheduler.poll_seconds
-    decode = [s for s in steps if s.num_passes == n] or steps  # steady state: every inferlet in the step
-    # executor idle time between consecutive steps: what the host (and the guests) add per step
-    gaps = [b.started - (a.started + a.exec_s) for a, b in zip(decode, decode[1:])]
     return {
         "inferlets": n, "tokens_each": tokens, "wall_s": wall, "tok_s": n * tokens / wall,
-        "steps": len(steps), "mean_passes_per_step": statistics.mean(s.num_passes for s in steps),
-        "full_steps": len(decode),
-        "exec_ms_per_full_step": 1e3 * statistics.mean(s.exec_s for s in decode),
-        "host_ms_per_full_step": 1e3 * statistics.median(gaps) if gaps else float("nan"),
-        "executor_busy_fraction": sum(s.exec_s for s in steps) / wall,
-        "host_import_calls": calls, "host_import_s": import_s, "guest_wasm_s": poll_s - import_s,
-        "passes": n * tokens,
+        **host_counters(host, wall, full_step_passes=n), "passes": n * tokens,
         "launch_to_first_call_ms_median": 1e3 * statistics.median(started[i] - launched_at[i] for i in started),
     }
 
@@ -128,15 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     opts = ap.parse_args(argv)
 
-    import torch
-
-    from workers.torch_executor import TorchExecutor
-
-    if opts.torch_threads:
-        torch.set_num_threads(opts.torch_threads)
-
     pages_needed = opts.inferlets * (-(-(opts.tokens + 8) // 16) + 1)
-    real = TorchExecutor.load(None, dtype="bf16", num_pages=pages_needed + 64)
+    real = load_executor(pages_needed + 64, opts.torch_threads)
     limits = Limits(max_pages=64)
     results = {}
     # wait for every inferlet's pass: a step that costs nothing would otherwise always run one pass

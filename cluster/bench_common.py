@@ -1,0 +1,105 @@
+"""What the inferlet-host benchmarks share: the executor they load, a wrapper forwarding to it,
+and the counters read from a host after a run (batcher steps, host imports, guest wasm time)."""
+from __future__ import annotations
+
+import statistics
+import threading
+
+from cluster import wasm_async
+from cluster.inferlet_host import InferletHost, Outcome, RunningInferlet
+from workers.executor import Executor
+
+
+def load_executor(num_pages: int, torch_threads: int | None = None, dtype: str = "bf16") -> Executor:
+    """The default model on the CPU with `num_pages` KV pages, loaded on a short-lived thread.
+
+    A thread that has run torch keeps an OpenMP (libgomp) team of its own. Once two teams exist
+    and their threads outnumber the cores, libgomp stops spin-waiting between parallel regions,
+    and every step on the host's executor thread ran ~1.8x slower (40 vs 22 ms a token at batch
+    1 on 2 cores) when this thread had loaded the model. A loading thread that exits takes its
+    team with it, so the executor thread's team is the only one.
+    """
+    import torch
+
+    from workers.torch_executor import TorchExecutor
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    loaded = {}
+
+    def load():
+        try:
+            loaded["executor"] = TorchExecutor.load(None, dtype=dtype, num_pages=num_pages)
+        except BaseException as e:  # re-raised on the caller's thread
+            loaded["error"] = e
+
+    loader = threading.Thread(target=load, name="load-executor")
+    loader.start()
+    loader.join()
+    if "error" in loaded:
+        raise loaded["error"]
+    return loaded["executor"]
+
+
+class DelegatingExecutor(Executor):
+    """Forwards everything to a real executor; subclasses override what they fake or measure."""
+
+    def __init__(self, real: Executor):
+        self.real = real
+
+    info = property(lambda self: self.real.info)
+    tokenizer = property(lambda self: self.real.tokenizer)
+    num_free_pages = property(lambda self: self.real.num_free_pages)
+
+    def allocate_pages(self, n):
+        return self.real.allocate_pages(n)
+
+    def free_pages(self, pages):
+        self.real.free_pages(pages)
+
+    def step(self, batch):
+        return self.real.step(batch)
+
+    def copy_slots(self, *args):
+        self.real.copy_slots(*args)
+
+    def mask_slots(self, *args):
+        self.real.mask_slots(*args)
+
+    def check_idle_invariant(self):
+        self.real.check_idle_invariant()
+
+
+def wait_all_ok(running: list[RunningInferlet], timeout_s: float = 1800) -> list[Outcome]:
+    """Wait for every launched inferlet; raise if any of them failed."""
+    outcomes = [r.wait(timeout_s) for r in running]
+    failed = [o.error for o in outcomes if not o.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} inferlets failed; first: {failed[0]}")
+    return outcomes
+
+
+def reset_counters(host: InferletHost) -> None:
+    """Start counting a run: the batcher's step history, host-import time, guest polling time."""
+    host.services.batcher.steps.clear()
+    wasm_async.import_stats.reset()
+    host.scheduler.poll_seconds = 0.0
+
+
+def host_counters(host: InferletHost, wall_s: float, full_step_passes: int) -> dict:
+    """What the host did since reset_counters. "Full" steps are those with `full_step_passes`
+    passes (every inferlet of the run in the step: the steady state); the executor's idle time
+    between consecutive full steps is what the host and the guests add per step."""
+    steps = list(host.services.batcher.steps)
+    full = [s for s in steps if s.num_passes == full_step_passes] or steps
+    gaps = [b.started - (a.started + a.exec_s) for a, b in zip(full, full[1:])]
+    import_s = wasm_async.import_stats.seconds
+    return {
+        "steps": len(steps), "mean_passes_per_step": statistics.mean(s.num_passes for s in steps),
+        "full_steps": len(full),
+        "exec_ms_per_full_step": 1e3 * statistics.mean(s.exec_s for s in full),
+        "host_ms_per_full_step": 1e3 * statistics.median(gaps) if gaps else float("nan"),
+        "executor_busy_fraction": sum(s.exec_s for s in steps) / wall_s,
+        "host_import_calls": wasm_async.import_stats.calls, "host_import_s": import_s,
+        "guest_wasm_s": host.scheduler.poll_seconds - import_s,
+    }
