@@ -347,7 +347,8 @@ def test_threads_exporting_distinct_names_leave_a_consistent_state(d):
             owner = f"o{n}"
             d.add_owner(owner, f"h{n % 3}", f"w{n % 2}")
             for k in range(25):
-                d.export(owner, f"n{n}/{k}", [2 * k, 2 * k + 1], persistent=k % 2 == 0, tokens=tokens(PS * 2, start=n * 1000 + k))
+                d.export(owner, f"n{n}/{k}", [2 * k, 2 * k + 1], persistent=k % 2 == 0,
+                         tokens=tokens(PS * 2, start=n * 1000 + k))
                 plan = d.import_(owner, "seed")  # a copy plan on w1, in place on w0
                 if plan.copy is not None and k % 5:
                     assert d.end_lease(plan.copy.lease_id)  # one copy in five stays open
