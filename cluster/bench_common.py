@@ -81,7 +81,7 @@ def wait_all_ok(running: list[RunningInferlet], timeout_s: float = 1800) -> list
 
 def reset_counters(host: InferletHost) -> None:
     """Start counting a run: the batcher's step history, host-import time, guest polling time."""
-    host.services.batcher.steps.clear()
+    host.worker.batcher.steps.clear()
     wasm_async.import_stats.reset()
     host.scheduler.poll_seconds = 0.0
 
@@ -90,7 +90,7 @@ def host_counters(host: InferletHost, wall_s: float, full_step_passes: int) -> d
     """What the host did since reset_counters. "Full" steps are those with `full_step_passes`
     passes (every inferlet of the run in the step: the steady state); the executor's idle time
     between consecutive full steps is what the host and the guests add per step."""
-    steps = list(host.services.batcher.steps)
+    steps = list(host.worker.batcher.steps)
     full = [s for s in steps if s.num_passes == full_step_passes] or steps
     gaps = [b.started - (a.started + a.exec_s) for a, b in zip(full, full[1:])]
     import_s = wasm_async.import_stats.seconds

@@ -75,7 +75,7 @@ def run_plain(host: InferletHost, prompts: list[str], tokens: int) -> dict:
         return generate(timed, ids, tokens, stop_token_ids=(), on_step=lambda live: step_done_at.append(time.perf_counter()))
 
     t0 = time.perf_counter()
-    generated = host.services.batcher.call(loop).wait(1800)
+    generated = host.worker.batcher.call(loop).wait(1800)
     wall = time.perf_counter() - t0
     n = len(prompts)
     return {**summary([step_done_at[0]] * n, [step_done_at[-1]] * n, t0, wall, tokens),
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                 run_plain(host, prompts_for(c), 4)  # warm-up: both sides, this shape
                 run_inferlets(host, prompts_for(c), 4)
                 row = {"concurrency": c, "policy": name, **measure(host, c, opts.tokens, opts.repeats)}
-                host.services.pages.check_idle()
+                host.worker.pages.check_idle()
             rows.append(row)
             print(f"c={c} {name}: TPOT inferlet {row['inferlet']['tpot_ms']:.2f} ms, plain {row['plain']['tpot_ms']:.2f} ms "
                   f"-> {row['tpot_ratio']:.3f}x", flush=True)

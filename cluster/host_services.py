@@ -4,19 +4,17 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from cluster.batcher import Batcher
 from cluster.http_client import HttpClient
+from cluster.local_worker import LocalWorker
 from cluster.messaging import MessageBus
-from cluster.page_registry import PageRegistry
 from cluster.timers import Timers
-from workers.executor import Executor
+from workers.executor import ModelInfo
+from workers.tokenizer import Tokenizer
 
 
 @dataclass
 class HostServices:
-    executor: Executor  # model info and tokenizer (thread-safe reads); tensor work goes through the batcher
-    batcher: Batcher  # forward passes and executor operations
-    pages: PageRegistry  # page ownership, sharing and exports
+    worker: LocalWorker  # the handler calls of the executor the inferlets run on (pages, passes)
     bus: MessageBus  # topics, queues, key-value store
     http: HttpClient  # outbound HTTP under the deployment's allow-list
     timers: Timers  # sleeps and timeouts
@@ -30,19 +28,26 @@ class HostServices:
             if self._grammar_compiler is None:
                 from cluster.grammar import GrammarCompiler
 
-                info = self.executor.info
-                self._grammar_compiler = GrammarCompiler(self.executor.tokenizer, info.vocab_size,
-                                                         info.stop_token_ids)
+                info = self.info
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, info.vocab_size, info.stop_token_ids)
             return self._grammar_compiler
 
     def vocabulary(self) -> list[str]:
         with self._lock:
             if self._vocabulary is None:
-                tok = self.executor.tokenizer
-                self._vocabulary = [tok.id_to_token(i) or "" for i in range(self.executor.info.vocab_size)]
+                tok = self.tokenizer
+                self._vocabulary = [tok.id_to_token(i) or "" for i in range(self.info.vocab_size)]
             return self._vocabulary
 
+    @property
+    def info(self) -> ModelInfo:
+        return self.worker.info
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.worker.tokenizer
+
     def close(self) -> None:
-        self.batcher.close()
+        self.worker.close()
         self.http.close()
         self.timers.close()

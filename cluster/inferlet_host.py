@@ -1,6 +1,6 @@
 """An inferlet host: runs many inferlets beside each other on one executor.
 
-It owns the shared services (batcher, page registry, message bus, HTTP client, timers) and
+It owns the shared services (the worker: batcher and page registry; message bus, HTTP client, timers) and
 the scheduler thread that runs every inferlet's wasm. `launch` returns at once with a handle
 that streams what the inferlet sends, takes messages for it, can stop it, and waits for its
 Outcome. However an inferlet ends (returns, raises, traps, hits a limit, is stopped),
@@ -16,13 +16,13 @@ from typing import Callable
 
 from wasmtime import component as wc
 
-from cluster.batcher import Batcher, BatchPolicy
+from cluster.batcher import BatchPolicy
 from cluster.errors import InvalidComponentError
 from cluster.host_services import HostServices
 from cluster.http_client import HttpClient, HttpPolicy
 from cluster.inferlet_build import build
+from cluster.local_worker import LocalWorker
 from cluster.messaging import BusLimits, MessageBus
-from cluster.page_registry import PageRegistry
 from cluster.sandbox import Limits, Sandbox
 from cluster.scheduler import Scheduler, Task
 from cluster.session import InferletSession
@@ -77,8 +77,9 @@ class InferletHost:
         self.limits = limits
         self.sandbox = sandbox or Sandbox()
         timers = Timers()
+        self.worker = LocalWorker(executor, policy)
         self.services = HostServices(
-            executor=executor, batcher=Batcher(executor, policy), pages=PageRegistry(executor),
+            worker=self.worker,
             bus=MessageBus(bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes), timers),
             http=HttpClient(http_policy), timers=timers)
         self.scheduler = Scheduler(self.sandbox, timers)
@@ -86,7 +87,7 @@ class InferletHost:
 
     @property
     def executor(self) -> Executor:
-        return self.services.executor
+        return self.worker.executor
 
     def component(self, program: str | Path | wc.Component) -> wc.Component:
         if isinstance(program, wc.Component):

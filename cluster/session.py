@@ -25,8 +25,7 @@ class InferletEnded(Refused):
 
 @dataclass
 class PassInFlight:
-    pending: Pending  # completes with the converted outputs (or fails)
-    pages: tuple[int, ...]  # pinned until it completes
+    pending: Pending  # completes with the converted outputs (or fails); its pages stay pinned until then
 
 
 class InferletSession:
@@ -102,4 +101,4 @@ class InferletSession:
             r.complete(None)
         self.matchers.clear()
         self.services.bus.drop(self.instance_id)
-        self.services.pages.drop_holder(self.instance_id)
+        self.services.worker.release(self.instance_id)

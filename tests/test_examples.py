@@ -17,12 +17,12 @@ MAX_TOKENS = 24
 def host(_executor_fp32):
     with InferletHost(_executor_fp32) as host:
         yield host
-        host.services.pages.check_idle()
+        host.worker.pages.check_idle()
 
 
 def settled(host) -> None:
     """Wait until queued page operations and passes have run (they hold page pins)."""
-    host.services.batcher.flush().wait(60)
+    host.worker.batcher.flush().wait(60)
 
 
 def chat_ids(executor, messages, add_generation_prompt=True) -> list[int]:
@@ -53,10 +53,10 @@ def status_and_answer(running) -> tuple[str, str]:
 def run_alone(host, question) -> tuple[str, str, int]:
     """Run prefix_cache with nothing beside it: (status, answer, input tokens the executor computed)."""
     settled(host)
-    host.services.batcher.steps.clear()
+    host.worker.batcher.steps.clear()
     status, answer = status_and_answer(ask(host, question))
     settled(host)
-    return status, answer, sum(s.num_tokens for s in host.services.batcher.steps)
+    return status, answer, sum(s.num_tokens for s in host.worker.batcher.steps)
 
 
 def test_prefix_cache_misses_once_then_every_run_hits(host, ex32):
@@ -79,12 +79,12 @@ def test_prefix_cache_misses_once_then_every_run_hits(host, ex32):
         assert status == "cache hit"
         assert answer == greedy_answer(ex32, [("system", SYSTEM), ("user", question)])
 
-    [name] = host.services.pages.list_exports("prefix-cache/")  # it outlived every inferlet that used it
+    [name] = host.worker.pages.list_exports("prefix-cache/")  # it outlived every inferlet that used it
     settled(host)
     assert ex32.num_free_pages == free - -(-system_len // ex32.info.page_size)  # the system prompt's pages
     cleanup = host.run(PREFIX_CACHE, ["--system", SYSTEM, "--unexport"])
     assert cleanup.ok, cleanup.error
-    assert cleanup.messages == [f"unexported {name}"] and host.services.pages.list_exports() == []
+    assert cleanup.messages == [f"unexported {name}"] and host.worker.pages.list_exports() == []
     settled(host)
     assert ex32.num_free_pages == free
 

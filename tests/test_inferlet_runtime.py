@@ -62,12 +62,12 @@ def runner(_executor_fp32, tool_server):
     with InferletHost(_executor_fp32, http_policy=policy) as host:
         host.component(PROBE)  # build and compile once (cached by content hash afterwards)
         yield host
-        host.services.pages.check_idle()
+        host.worker.pages.check_idle()
 
 
 def settled(host) -> None:
     """Wait until the host's queued page operations and passes have run (they hold page pins)."""
-    host.services.batcher.flush().wait(60)
+    host.worker.batcher.flush().wait(60)
 
 
 def run_probe(runner, *args, limits=None):
@@ -143,7 +143,7 @@ def test_export_import_between_inferlets(runner, ex32):
     exporter.send("go")
     assert exporter.wait(60).ok
     assert "already exported" in json.loads(exporter.outcome.messages[1])["errors"]["duplicate"]
-    assert runner.services.pages.list_exports() == []  # it ended with its exporter
+    assert runner.worker.pages.list_exports() == []  # it ended with its exporter
     assert msg["text"] == msg["recomputed"]  # the imported KV gives what recomputing it gives
     settled(runner)
     assert ex32.num_free_pages == free
@@ -155,7 +155,7 @@ def test_persistent_export_outlives_its_exporter(runner, ex32):
     exporter = runner.launch(PROBE, ["export", "exporter", "kept", "1", prompt])
     exporter.send("go")  # it may end at once: the export stays
     assert exporter.wait(60).ok
-    assert runner.services.pages.list_exports() == ["kept"]
+    assert runner.worker.pages.list_exports() == ["kept"]
     settled(runner)
     assert ex32.num_free_pages < free  # still held by the export
     importer = runner.run(PROBE, ["export", "importer", "kept", " And", "4"])

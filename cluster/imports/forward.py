@@ -8,33 +8,23 @@ from cluster.imports._common import sync, waiting
 from cluster.pending import Pending
 from cluster.session import InferletSession, PassInFlight
 from cluster.wit_values import Refused
-from workers.step_types import ForwardRequest, Sampler, pack_batch
-from workers.step_validation import StepLimits, validate_batch
+from workers.step_types import ForwardRequest, Sampler
 
 
 def imports(s: InferletSession) -> dict:
-    info = s.services.executor.info
-    step_limits = StepLimits(info.num_pages, info.page_size, info.vocab_size, info.max_position)
-    pages = s.services.pages
+    info = s.services.info
+    worker = s.services.worker
 
     def submit(p) -> int:
         if len(s.passes) >= s.limits.max_outstanding_passes:
             raise Refused(f"more than {s.limits.max_outstanding_passes} passes outstanding; wait for some")
         request = to_request(s, p, info.page_size, info.vocab_size)
-        validate_batch(pack_batch([request]), step_limits)
-        held = tuple(int(x) for x in request.kv_page_indices)
-        pages.require_readable(s.instance_id, held)
-        kv_len = (len(held) - 1) * info.page_size + request.kv_last_page_len
-        first_written = (kv_len - len(request.token_ids)) // info.page_size
-        pages.require_writable(s.instance_id, held[first_written:])
-        pages.pin(held)
-        result = s.services.batcher.forward(request)
-        result.on_done(lambda _: pages.unpin(held))
+        result = worker.forward(s.instance_id, request)  # checks the pass and the caller's pages
         converted = Pending()
         result.on_done(lambda r: converted.fail(r.error) if r.error else
                        converted.complete([_output(x) for x in r.value]))
         handle = s.new_handle()
-        s.passes[handle] = PassInFlight(converted, held)
+        s.passes[handle] = PassInFlight(converted)
         return handle
 
     def take(handle: int) -> Pending:

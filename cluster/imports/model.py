@@ -7,9 +7,8 @@ from cluster.wit_values import Refused, record, tagged_err, tagged_ok
 
 
 def imports(s: InferletSession) -> dict:
-    executor = s.services.executor
-    info = executor.info
-    tokenizer = executor.tokenizer
+    info = s.services.info
+    tokenizer = s.services.tokenizer
 
     def model_info():
         return record(name=info.name, vocab_size=info.vocab_size, page_size=info.page_size,

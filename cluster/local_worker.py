@@ -1,0 +1,114 @@
+"""The handler calls of one executor, in process: what an inferlet host asks of a worker.
+
+An inferlet's imports reach its worker only through these methods, named for the handler
+calls of the API (allocate, free, copy, mask, export, import, unexport, list, forward,
+release). In embedded mode the host calls a LocalWorker directly; in cluster mode a GPU
+worker actor serves the same methods to many hosts over the handler-call service, so both
+modes run this one class. Every method checks the caller (`holder`, an inferlet instance
+id) against the page registry before anything reaches the executor.
+
+Copies and masks are checked at once and then queued for the executor thread without
+waiting: they take effect before any pass submitted after them.
+"""
+from __future__ import annotations
+
+import logging
+
+from cluster.batcher import Batcher, BatchPolicy
+from cluster.page_registry import PageRegistry, PageRefused
+from cluster.pending import Pending
+from workers.executor import Executor, ModelInfo
+from workers.step_types import ForwardRequest, pack_batch
+from workers.step_validation import StepLimits, validate_batch
+from workers.tokenizer import Tokenizer
+
+log = logging.getLogger("pie.worker")
+
+
+class LocalWorker:
+    def __init__(self, executor: Executor, policy: BatchPolicy = BatchPolicy(),
+                 max_persistent_pages: int | None = None):
+        self.executor = executor
+        self.batcher = Batcher(executor, policy)
+        self.pages = PageRegistry(executor, max_persistent_pages)
+        info = executor.info
+        self._step_limits = StepLimits(info.num_pages, info.page_size, info.vocab_size, info.max_position)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.executor.info
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.executor.tokenizer
+
+    # -- pages -----------------------------------------------------------------------------------
+    def allocate(self, holder: str, count: int, quota: int) -> list[int]:
+        return self.pages.allocate(holder, count, quota)
+
+    def free(self, holder: str, pages: list[int]) -> None:
+        self.pages.free(holder, pages)
+
+    def copy(self, holder: str, src: int, dst: int, src_start: int, dst_start: int, length: int) -> None:
+        page_size = self.info.page_size
+        self.pages.require_readable(holder, [src])
+        self.pages.require_writable(holder, [dst])
+        if min(src_start, dst_start, length) < 0 or max(src_start, dst_start) + length > page_size:
+            raise PageRefused(f"copying {length} slots from {src_start} to {dst_start} runs past a page of "
+                              f"{page_size}")
+        self._on_executor(holder, (src, dst), lambda ex: ex.copy_slots(src, dst, src_start, dst_start, length))
+
+    def mask(self, holder: str, page: int, masked: list[bool]) -> None:
+        self.pages.require_writable(holder, [page])
+        if len(masked) != self.info.page_size:
+            raise PageRefused(f"the slot mask has {len(masked)} entries; a page has {self.info.page_size} slots")
+        self._on_executor(holder, (page,), lambda ex: ex.mask_slots(page, masked))
+
+    def _on_executor(self, holder: str, pages: tuple[int, ...], fn) -> None:
+        """Queue fn for the executor thread with the pages pinned until it has run."""
+        self.pages.pin(pages)
+        done = self.batcher.call(fn)
+        done.on_done(lambda r: (self.pages.unpin(pages),
+                                r.error and log.error("%s: queued page operation failed: %r", holder, r.error)))
+
+    # -- sharing ---------------------------------------------------------------------------------
+    def export(self, holder: str, name: str, pages: list[int], meta: str, persistent: bool) -> None:
+        self.pages.export(holder, name, pages, meta, persistent)
+
+    def import_(self, holder: str, name: str) -> tuple[list[int], str]:
+        return self.pages.import_(holder, name)
+
+    def unexport(self, holder: str, name: str) -> None:
+        self.pages.unexport(holder, name)
+
+    def list_exports(self, prefix: str = "") -> list[str]:
+        return self.pages.list_exports(prefix)
+
+    # -- forward passes --------------------------------------------------------------------------
+    def forward(self, holder: str, request: ForwardRequest) -> Pending:
+        """Check and queue one pass; the Pending completes with its list of OutputResult.
+
+        Raises InvalidRequestError for a malformed pass and PageRefused for pages the holder
+        may not read (or, for the slots it writes, may not write)."""
+        validate_batch(pack_batch([request]), self._step_limits)
+        held = tuple(int(x) for x in request.kv_page_indices)
+        self.pages.require_readable(holder, held)
+        page_size = self.info.page_size
+        kv_len = (len(held) - 1) * page_size + request.kv_last_page_len
+        first_written = (kv_len - len(request.token_ids)) // page_size
+        self.pages.require_writable(holder, held[first_written:])
+        self.pages.pin(held)
+        result = self.batcher.forward(request)
+        result.on_done(lambda _: self.pages.unpin(held))
+        return result
+
+    # -- ending ----------------------------------------------------------------------------------
+    def release(self, holder: str) -> None:
+        """The inferlet ended: give back its pages and its non-persistent exports."""
+        self.pages.drop_holder(holder)
+
+    def check_idle(self) -> None:
+        self.pages.check_idle()
+
+    def close(self) -> None:
+        self.batcher.close()
