@@ -29,7 +29,7 @@ bench: setup
 
 # regenerate the committed gRPC code of cluster/proto (tests check it is current)
 proto: setup
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. cluster/proto/pie.proto
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. cluster/proto/pie.proto cluster/proto/worker.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache

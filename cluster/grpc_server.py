@@ -192,11 +192,11 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
             for iid, x in live])
 
     def Health(self, request: pie_pb2.Empty, context) -> pie_pb2.HealthReply:
-        executor = self.host.executor
+        worker = self.host.worker
         with self._lock:
             running = len(self._live)
-        return pie_pb2.HealthReply(status="serving", model=executor.info.name, free_pages=executor.num_free_pages,
-                                   total_pages=executor.info.num_pages, running=running)
+        return pie_pb2.HealthReply(status="serving", model=worker.info.name, free_pages=worker.num_free_pages,
+                                   total_pages=worker.info.num_pages, running=running)
 
 
 class PieServer:

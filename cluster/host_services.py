@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from cluster.http_client import HttpClient
 from cluster.local_worker import LocalWorker
 from cluster.messaging import MessageBus
+from cluster.remote_worker import RemoteWorker
 from cluster.timers import Timers
 from workers.executor import ModelInfo
 from workers.tokenizer import Tokenizer
@@ -14,7 +15,7 @@ from workers.tokenizer import Tokenizer
 
 @dataclass
 class HostServices:
-    worker: LocalWorker  # the handler calls of the executor the inferlets run on (pages, passes)
+    worker: LocalWorker | RemoteWorker  # the handler calls of the executor the inferlets run on
     bus: MessageBus  # topics, queues, key-value store
     http: HttpClient  # outbound HTTP under the deployment's allow-list
     timers: Timers  # sleeps and timeouts
@@ -47,7 +48,8 @@ class HostServices:
     def tokenizer(self) -> Tokenizer:
         return self.worker.tokenizer
 
-    def close(self) -> None:
-        self.worker.close()
+    def close(self, close_worker: bool = True) -> None:
+        if close_worker:
+            self.worker.close()
         self.http.close()
         self.timers.close()

@@ -9,6 +9,7 @@ everything it held is released and the outcome names the cause.
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from cluster.http_client import HttpClient, HttpPolicy
 from cluster.inferlet_build import build
 from cluster.local_worker import LocalWorker
 from cluster.messaging import BusLimits, MessageBus
+from cluster.remote_worker import RemoteWorker
 from cluster.sandbox import Limits, Sandbox
 from cluster.scheduler import Scheduler, Task
 from cluster.session import InferletSession
@@ -71,22 +73,32 @@ class InferletHost:
     """Launches inferlets on one executor. `program` is a .py source (built on demand), a .wasm, or a
     component already compiled by this host's sandbox."""
 
-    def __init__(self, executor: Executor, limits: Limits = Limits(), policy: BatchPolicy = BatchPolicy(),
+    def __init__(self, executor: Executor | None = None, limits: Limits = Limits(), policy: BatchPolicy = BatchPolicy(),
                  http_policy: HttpPolicy = HttpPolicy(), bus_limits: BusLimits | None = None,
-                 sandbox: Sandbox | None = None):
+                 sandbox: Sandbox | None = None, worker: LocalWorker | RemoteWorker | None = None):
+        """Runs inferlets on `executor` (a LocalWorker of its own, batching under `policy`), or on
+        `worker`: a LocalWorker shared with other hosts, or a RemoteWorker in another process."""
+        if (executor is None) == (worker is None):
+            raise ValueError("an InferletHost runs on an executor or on a worker: give exactly one")
         self.limits = limits
         self.sandbox = sandbox or Sandbox()
         timers = Timers()
-        self.worker = LocalWorker(executor, policy)
+        self.worker = worker or LocalWorker(executor, policy)
+        self._owns_worker = worker is None
         self.services = HostServices(
             worker=self.worker,
             bus=MessageBus(bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes), timers),
             http=HttpClient(http_policy), timers=timers)
         self.scheduler = Scheduler(self.sandbox, timers)
+        # instance ids are unique across hosts: a worker serves many, and pages belong to instances
+        self.host_id = secrets.token_hex(4)
         self._ids = itertools.count(1)
 
     @property
     def executor(self) -> Executor:
+        """The executor of a local worker (a remote worker's is in its own process)."""
+        if not isinstance(self.worker, LocalWorker):
+            raise AttributeError(f"this host runs on the remote worker at {self.worker.target}")
         return self.worker.executor
 
     def component(self, program: str | Path | wc.Component) -> wc.Component:
@@ -104,7 +116,7 @@ class InferletHost:
                on_end: Callable[[Outcome], None] | None = None) -> RunningInferlet:
         component = self.component(program)
         limits = limits or self.limits
-        instance_id = f"inferlet-{next(self._ids)}"
+        instance_id = f"inferlet-{self.host_id}-{next(self._ids)}"
         outcome = Outcome(instance_id)
         finished = threading.Event()
 
@@ -130,7 +142,7 @@ class InferletHost:
     def close(self) -> None:
         """Stop every inferlet, then the threads."""
         self.scheduler.close()
-        self.services.close()
+        self.services.close(close_worker=self._owns_worker)
 
     def __enter__(self):
         return self

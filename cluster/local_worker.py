@@ -42,6 +42,10 @@ class LocalWorker:
     def tokenizer(self) -> Tokenizer:
         return self.executor.tokenizer
 
+    @property
+    def num_free_pages(self) -> int:
+        return self.executor.num_free_pages
+
     # -- pages -----------------------------------------------------------------------------------
     def allocate(self, holder: str, count: int, quota: int) -> list[int]:
         return self.pages.allocate(holder, count, quota)

@@ -293,11 +293,12 @@ def test_health_and_list(client, server, _executor_fp32):
 
 
 def test_generated_code_is_current(tmp_path):
-    """cluster/proto/*_pb2*.py are what `make proto` makes from pie.proto now."""
-    generated = ["pie_pb2.py", "pie_pb2.pyi", "pie_pb2_grpc.py"]
+    """cluster/proto/*_pb2*.py are what `make proto` makes from the .proto files now."""
+    protos = ["pie", "worker"]
+    generated = [f"{p}{suffix}" for p in protos for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={tmp_path}",
-                    f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", "cluster/proto/pie.proto"],
-                   cwd=ROOT, check=True)
+                    f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+                    *[f"cluster/proto/{p}.proto" for p in protos]], cwd=ROOT, check=True)
     for name in generated:
         fresh = (tmp_path / "cluster" / "proto" / name).read_bytes()
         assert fresh == (ROOT / "cluster" / "proto" / name).read_bytes(), f"{name} is stale: run `make proto`"

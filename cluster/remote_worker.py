@@ -1,0 +1,149 @@
+"""The host side of the handler-call service: a worker in another process, with LocalWorker's methods.
+
+An InferletHost given a RemoteWorker runs its inferlets exactly as on a LocalWorker: the
+same imports call the same methods, which travel as msgpack Calls over one gRPC stream
+(cluster/worker_service.py). Page calls wait for their reply (a loopback round trip, well
+under a millisecond); a forward pass returns a Pending at once. If the connection drops,
+every outstanding and later call fails with WorkerUnavailable, naming the worker.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+
+import grpc
+
+from cluster.errors import InferletError
+from cluster.handler_codec import Call, decode_reply, encode_call
+from cluster.pending import Pending
+from cluster.proto import worker_pb2, worker_pb2_grpc
+from workers.executor import ModelInfo
+from workers.step_types import ForwardRequest
+from workers.tokenizer import Tokenizer, TokenizerSpec
+
+_END = object()
+
+
+class WorkerUnavailable(InferletError):
+    """The worker this inferlet runs on cannot be reached (it died or was stopped)."""
+
+
+class RemoteWorker:
+    def __init__(self, target: str, timeout_s: float = 60.0):
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(target)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._calls: dict[int, Pending] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._broken: str | None = None
+        stream = worker_pb2_grpc.WorkerStub(self._channel).Calls(self._frames())
+        threading.Thread(target=self._read, args=(stream,), name="worker-replies", daemon=True).start()
+        described = self._wait(self._call("describe", ""))
+        info = dict(described["info"])
+        info["stop_token_ids"] = tuple(info["stop_token_ids"])
+        self.info = ModelInfo(**info)
+        self.tokenizer = Tokenizer(TokenizerSpec.from_json(described["tokenizer_meta"], described["tokenizer_json"]))
+
+    # -- the handlers (LocalWorker's methods) ----------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return self._sync("num_free_pages", "")
+
+    def allocate(self, holder: str, count: int, quota: int) -> list[int]:
+        return list(self._sync("allocate", holder, count, quota))
+
+    def free(self, holder: str, pages: list[int]) -> None:
+        self._sync("free", holder, list(pages))
+
+    def copy(self, holder: str, src: int, dst: int, src_start: int, dst_start: int, length: int) -> None:
+        self._sync("copy", holder, src, dst, src_start, dst_start, length)
+
+    def mask(self, holder: str, page: int, masked: list[bool]) -> None:
+        self._sync("mask", holder, page, list(masked))
+
+    def export(self, holder: str, name: str, pages: list[int], meta: str, persistent: bool) -> None:
+        self._sync("export", holder, name, list(pages), meta, persistent)
+
+    def import_(self, holder: str, name: str) -> tuple[list[int], str]:
+        pages, meta = self._sync("import_", holder, name)
+        return list(pages), meta
+
+    def unexport(self, holder: str, name: str) -> None:
+        self._sync("unexport", holder, name)
+
+    def list_exports(self, prefix: str = "") -> list[str]:
+        return list(self._sync("list_exports", "", prefix))
+
+    def forward(self, holder: str, request: ForwardRequest) -> Pending:
+        return self._call("forward", holder, request)
+
+    def release(self, holder: str) -> None:
+        try:
+            self._sync("release", holder)
+        except WorkerUnavailable:
+            pass  # the worker is gone, and with it everything the inferlet held there
+
+    def close(self) -> None:
+        self._outbox.put(_END)
+        self._channel.close()
+
+    # -- the connection --------------------------------------------------------------------------
+    def _call(self, method: str, holder: str, *args) -> Pending:
+        """Send a call; its Pending completes with the value, or fails with the worker's error."""
+        pending = Pending()
+        with self._lock:
+            if self._broken:
+                pending.fail(WorkerUnavailable(self._broken))
+                return pending
+            call_id = next(self._ids)
+            self._calls[call_id] = pending
+        self._outbox.put(encode_call(Call(call_id, method, holder, args)))
+        return pending
+
+    def _sync(self, method: str, holder: str, *args):
+        return self._wait(self._call(method, holder, *args))
+
+    def _wait(self, pending: Pending):
+        try:
+            return pending.wait(self.timeout_s)
+        except TimeoutError:
+            raise WorkerUnavailable(f"the worker at {self.target} did not answer within {self.timeout_s} s") from None
+
+    def _frames(self):
+        while (first := self._outbox.get()) is not _END:
+            batch = [first]
+            while True:
+                try:
+                    item = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _END:
+                    self._outbox.put(_END)
+                    break
+                batch.append(item)
+            yield worker_pb2.Frame(messages=batch)
+
+    def _read(self, stream) -> None:
+        reason = f"the worker at {self.target} closed the connection"
+        try:
+            for frame in stream:
+                for message in frame.messages:
+                    reply = decode_reply(message)
+                    with self._lock:
+                        pending = self._calls.pop(reply.call_id, None)
+                    if pending is None:
+                        continue
+                    try:
+                        pending.complete(reply.result())
+                    except Exception as e:  # the worker's error, as its own class
+                        pending.fail(e)
+        except grpc.RpcError as e:
+            reason = f"lost the worker at {self.target}: {e.code().name} {e.details()}"
+        with self._lock:
+            self._broken = reason
+            outstanding, self._calls = list(self._calls.values()), {}
+        for pending in outstanding:
+            pending.fail(WorkerUnavailable(reason))
