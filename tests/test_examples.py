@@ -92,3 +92,20 @@ def test_prefix_cache_misses_once_then_every_run_hits(host, ex32):
 def test_prefix_cache_unexport_of_nothing_fails_cleanly(host, ex32):
     outcome = host.run(PREFIX_CACHE, ["--system", "never cached", "--unexport"])
     assert not outcome.ok and "nothing is exported" in outcome.error
+
+
+def test_parallel_drafts_compute_the_prompt_once(host, ex32):
+    drafts, max_tokens = 3, 8
+    settled(host)
+    host.worker.batcher.steps.clear()
+    outcome = host.run(EXAMPLES / "parallel_drafts.py", ["--prompt", "Write a haiku about the sea.",
+                                                          "--drafts", str(drafts), "--max-tokens", str(max_tokens)])
+    assert outcome.ok, outcome.error
+    settled(host)
+    assert [m.splitlines()[0] for m in outcome.messages] == [f"--- draft {i}" for i in range(1, drafts + 1)]
+    assert len(set(outcome.messages)) > 1  # differently seeded samples differ
+    prompt_len = len(chat_ids(ex32, [("user", "Write a haiku about the sea.")]))
+    step_tokens = sorted((s.num_tokens for s in host.worker.batcher.steps), reverse=True)
+    # one pass writes the prompt but its last token; after that each draft computes a token per round
+    assert step_tokens[0] == prompt_len - 1 and all(n <= drafts for n in step_tokens[1:])
+    assert drafts <= sum(step_tokens[1:]) <= drafts * max_tokens

@@ -178,12 +178,14 @@ class Context:
         self.pending = []
         return handle
 
-    def flush(self) -> None:
-        """Write the pending tokens' KV now, with no output (e.g. before export)."""
-        if self.pending:
-            unwrap(forward.wait, self._submit(self.pending, []))
-            self.tokens.extend(self.pending)
-            self.pending = []
+    def flush(self, keep: int = 0) -> None:
+        """Write the pending tokens' KV now, with no output: all of them (e.g. before export), or
+        all but the last `keep` (keep=1 before forking: each fork then samples its own next token)."""
+        cut = max(0, len(self.pending) - keep)
+        write, self.pending = self.pending[:cut], self.pending[cut:]
+        if write:
+            unwrap(forward.wait, self._submit(write, []))
+            self.tokens.extend(write)
 
     def step(self, sampler=None, allowed=None, grammar=None):
         """Write the pending tokens' KV and return the output at the last one."""
@@ -339,6 +341,28 @@ class Context:
             # the drafts are in the KV already; the correction token is not yet
             self.pending = [new[-1]]
         return unwrap(model.decode, generated), accepted_total, rounds
+
+
+def generate_together(contexts, max_tokens: int, samplers=None, stop_tokens=None) -> list:
+    """Generate from several contexts at once, each with its own sampler (default greedy): every
+    round submits one pass per unfinished context, so they all go to the executor in one step.
+    Returns each context's text; a stop token ends a context's text and is not part of it."""
+    samplers = [greedy()] * len(contexts) if samplers is None else list(samplers)
+    stops = (contexts[0].stop_tokens if contexts else set()) if stop_tokens is None else set(stop_tokens)
+    generated = [[] for _ in contexts]
+    live = list(range(len(contexts)))
+    for _ in range(max_tokens):
+        if not live:
+            break
+        handles = [contexts[i].submit_step(samplers[i]) for i in live]
+        for i, outputs in zip(list(live), unwrap(forward.wait_all, handles)):
+            token = outputs[0].value
+            if token in stops:
+                live.remove(i)
+            else:
+                generated[i].append(token)
+                contexts[i].fill_tokens([token])
+    return [unwrap(model.decode, tokens) for tokens in generated]
 
 
 def ngram_drafter(n: int = 2, k: int = 4):
