@@ -94,6 +94,11 @@ def prefill_logprobs(executor, tokens, pages=None) -> np.ndarray:
         return step_logprobs(executor, [logprobs_request(executor, tokens, pages or fresh)])[0]
 
 
+def settled(host) -> None:
+    """Wait until an InferletHost's queued page operations and passes have run (they hold page pins)."""
+    host.worker.batcher.flush().wait(60)
+
+
 @contextlib.contextmanager
 def allocated(executor, n: int):
     """n pages of the executor for the duration of a block; freed afterwards."""

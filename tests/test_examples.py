@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from cluster.inferlet_host import InferletHost
+from helpers import settled
 from workers.decode_loop import generate
 
 EXAMPLES = Path(__file__).parent.parent / "inferlets" / "examples"
@@ -18,11 +19,6 @@ def host(_executor_fp32):
     with InferletHost(_executor_fp32) as host:
         yield host
         host.worker.pages.check_idle()
-
-
-def settled(host) -> None:
-    """Wait until queued page operations and passes have run (they hold page pins)."""
-    host.worker.batcher.flush().wait(60)
 
 
 def chat_ids(executor, messages, add_generation_prompt=True) -> list[int]:

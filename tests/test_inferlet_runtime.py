@@ -20,7 +20,7 @@ from cluster.http_client import HttpPolicy
 from cluster.inferlet_host import InferletHost
 from cluster.sandbox import Limits
 from cluster.wit_values import Refused
-from helpers import allocated, make_request, step_logprobs, full_logprobs
+from helpers import allocated, full_logprobs, make_request, settled, step_logprobs
 
 PROBE = Path(__file__).parent / "inferlets" / "api_probe.py"
 EXAMPLE = Path(__file__).parent.parent / "inferlets" / "examples" / "text_completion.py"
@@ -63,11 +63,6 @@ def runner(_executor_fp32, tool_server):
         host.component(PROBE)  # build and compile once (cached by content hash afterwards)
         yield host
         host.worker.pages.check_idle()
-
-
-def settled(host) -> None:
-    """Wait until the host's queued page operations and passes have run (they hold page pins)."""
-    host.worker.batcher.flush().wait(60)
 
 
 def run_probe(runner, *args, limits=None):
