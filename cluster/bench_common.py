@@ -3,7 +3,6 @@ and the counters read from a host after a run (batcher steps, host imports, gues
 from __future__ import annotations
 
 import statistics
-import threading
 
 from cluster import wasm_async
 from cluster.inferlet_host import InferletHost, Outcome, RunningInferlet
@@ -11,34 +10,16 @@ from workers.executor import Executor
 
 
 def load_executor(num_pages: int, torch_threads: int | None = None, dtype: str = "bf16") -> Executor:
-    """The default model on the CPU with `num_pages` KV pages, loaded on a short-lived thread.
-
-    A thread that has run torch keeps an OpenMP (libgomp) team of its own. Once two teams exist
-    and their threads outnumber the cores, libgomp stops spin-waiting between parallel regions,
-    and every step on the host's executor thread ran ~1.8x slower (40 vs 22 ms a token at batch
-    1 on 2 cores) when this thread had loaded the model. A loading thread that exits takes its
-    team with it, so the executor thread's team is the only one.
-    """
+    """The default model on the CPU with `num_pages` KV pages, loaded on a short-lived thread
+    (workers/load_thread.py says why)."""
     import torch
 
+    from workers.load_thread import load_on_thread
     from workers.torch_executor import TorchExecutor
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    loaded = {}
-
-    def load():
-        try:
-            loaded["executor"] = TorchExecutor.load(None, dtype=dtype, num_pages=num_pages)
-        except BaseException as e:  # re-raised on the caller's thread
-            loaded["error"] = e
-
-    loader = threading.Thread(target=load, name="load-executor")
-    loader.start()
-    loader.join()
-    if "error" in loaded:
-        raise loaded["error"]
-    return loaded["executor"]
+    return load_on_thread(lambda: TorchExecutor.load(None, dtype=dtype, num_pages=num_pages))
 
 
 class DelegatingExecutor(Executor):

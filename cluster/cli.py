@@ -31,9 +31,10 @@ def _build(opts) -> int:
 
 def _run(opts) -> int:
     from cluster.inferlet_host import InferletHost
+    from workers.load_thread import load_on_thread
     from workers.torch_executor import TorchExecutor
 
-    executor = TorchExecutor.load(opts.model, dtype=opts.dtype)
+    executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype))  # see load_thread
     with InferletHost(executor) as host:
         outcome = host.run(opts.program, opts.args, on_message=lambda m: (sys.stdout.write(m), sys.stdout.flush()))
     print()
@@ -46,9 +47,10 @@ def _run(opts) -> int:
 def _serve(opts) -> int:
     from cluster.grpc_server import DEFAULT_MAX_RUNNING, serve
     from cluster.inferlet_host import InferletHost
+    from workers.load_thread import load_on_thread
     from workers.torch_executor import TorchExecutor
 
-    executor = TorchExecutor.load(opts.model, dtype=opts.dtype)
+    executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype))  # see load_thread
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
