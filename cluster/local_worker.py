@@ -17,6 +17,7 @@ import logging
 from cluster.batcher import Batcher, BatchPolicy
 from cluster.page_registry import PageRegistry, PageRefused
 from cluster.pending import Pending
+from cluster.prefill_chunks import written_pages
 from workers.executor import Executor, ModelInfo
 from workers.step_types import ForwardRequest, pack_batch
 from workers.step_validation import StepLimits, validate_batch
@@ -97,10 +98,7 @@ class LocalWorker:
         validate_batch(pack_batch([request]), self._step_limits)
         held = tuple(int(x) for x in request.kv_page_indices)
         self.pages.require_readable(holder, held)
-        page_size = self.info.page_size
-        kv_len = (len(held) - 1) * page_size + request.kv_last_page_len
-        first_written = (kv_len - len(request.token_ids)) // page_size
-        self.pages.require_writable(holder, held[first_written:])
+        self.pages.require_writable(holder, sorted(written_pages(request, self.info.page_size)))
         self.pages.pin(held)
         result = self.batcher.forward(request)
         result.on_done(lambda _: self.pages.unpin(held))

@@ -15,15 +15,13 @@ import threading
 import grpc
 
 from cluster.errors import InferletError
+from cluster.frames import END, frames
 from cluster.handler_codec import Call, decode_reply, encode_call
 from cluster.pending import Pending
 from cluster.proto import worker_pb2, worker_pb2_grpc
 from workers.executor import ModelInfo
 from workers.step_types import ForwardRequest
 from workers.tokenizer import Tokenizer, TokenizerSpec
-
-_END = object()
-
 
 class WorkerUnavailable(InferletError):
     """The worker this inferlet runs on cannot be reached (it died or was stopped)."""
@@ -87,7 +85,7 @@ class RemoteWorker:
             pass  # the worker is gone, and with it everything the inferlet held there
 
     def close(self) -> None:
-        self._outbox.put(_END)
+        self._outbox.put(END)
         self._channel.close()
 
     # -- the connection --------------------------------------------------------------------------
@@ -113,17 +111,7 @@ class RemoteWorker:
             raise WorkerUnavailable(f"the worker at {self.target} did not answer within {self.timeout_s} s") from None
 
     def _frames(self):
-        while (first := self._outbox.get()) is not _END:
-            batch = [first]
-            while True:
-                try:
-                    item = self._outbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _END:
-                    self._outbox.put(_END)
-                    break
-                batch.append(item)
+        for batch in frames(self._outbox):
             yield worker_pb2.Frame(messages=batch)
 
     def _read(self, stream) -> None:

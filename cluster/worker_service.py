@@ -15,14 +15,13 @@ from concurrent import futures
 
 import grpc
 
+from cluster.frames import END, frames
 from cluster.handler_codec import Call, Reply, decode_call, encode_reply
 from cluster.local_worker import LocalWorker
+from cluster.pending import Pending
 from cluster.proto import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("pie.worker")
-
-_END = object()
-
 
 def describe(worker: LocalWorker) -> dict:
     """What a host needs to know about the worker's model: its info and its tokenizer."""
@@ -44,38 +43,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             "forward": w.forward, "release": w.release,
         }
 
-    def Calls(self, frames, context):
+    def Calls(self, incoming, context):
         replies: queue.SimpleQueue = queue.SimpleQueue()
         holders: set[str] = set()
-        threading.Thread(target=self._read, args=(frames, replies, holders), name="worker-calls",
+        threading.Thread(target=self._read, args=(incoming, replies, holders), name="worker-calls",
                          daemon=True).start()
         try:
-            while (first := replies.get()) is not _END:
-                batch = [first]
-                while True:  # whatever else is ready goes in the same frame
-                    try:
-                        item = replies.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _END:
-                        replies.put(_END)
-                        break
-                    batch.append(item)
+            for batch in frames(replies):
                 yield worker_pb2.Frame(messages=batch)
         finally:
             for holder in holders:  # the host is gone: nothing it held may stay held
                 self.worker.release(holder)
 
-    def _read(self, frames, replies: queue.SimpleQueue, holders: set[str]) -> None:
+    def _read(self, incoming, replies: queue.SimpleQueue, holders: set[str]) -> None:
         try:
-            for frame in frames:
+            for frame in incoming:
                 for message in frame.messages:
                     self._run(decode_call(message), replies, holders)
         except Exception as e:  # the stream broke or a frame was garbage: end the connection
             if not isinstance(e, grpc.RpcError):
                 log.exception("handler-call stream failed")
         finally:
-            replies.put(_END)
+            replies.put(END)
 
     def _run(self, call: Call, replies: queue.SimpleQueue, holders: set[str]) -> None:
         answer = lambda reply: replies.put(encode_reply(reply))
@@ -90,7 +79,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except Exception as e:
             answer(Reply.failure(call.call_id, e))
             return
-        if call.method == "forward":
+        if isinstance(value, Pending):  # a forward pass: answered when its step is done
             value.on_done(lambda r: answer(Reply.failure(call.call_id, r.error) if r.error
                                            else Reply(call.call_id, r.value)))
             return
