@@ -8,6 +8,7 @@ constant, so a difference of e in the logits shows as at most 2e here).
 from __future__ import annotations
 
 import contextlib
+import time
 import functools
 import json
 import os
@@ -92,6 +93,15 @@ def prefill_logprobs(executor, tokens, pages=None) -> np.ndarray:
     """[len(tokens), vocab] log-probabilities after each token, from one prefill step."""
     with allocated(executor, pages_needed(len(tokens), executor.info.page_size)) as fresh:
         return step_logprobs(executor, [logprobs_request(executor, tokens, pages or fresh)])[0]
+
+
+def wait_until(condition, timeout_s: float = 60.0, what: str = "the condition") -> None:
+    """Poll condition() every 20 ms until it holds; fail the test naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout_s} s")
+        time.sleep(0.02)
 
 
 def settled(host) -> None:

@@ -22,6 +22,7 @@ from cluster.grpc_server import serve
 from cluster.inferlet_build import build
 from cluster.inferlet_host import InferletHost
 from cluster.program_store import program_id_of
+from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "inferlets" / "examples" / "text_completion.py"
@@ -29,14 +30,6 @@ ECHO = ROOT / "tests" / "inferlets" / "echo.py"
 PROBE = ROOT / "tests" / "inferlets" / "api_probe.py"
 QUESTION = "What is the capital of France?"
 STORY = "Write a long story about a dragon who learns to bake bread."
-
-
-def wait_until(condition, timeout_s: float = 60.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout_s} s")
-        time.sleep(0.02)
 
 
 def collect(stream) -> tuple[list[str], Finished | Failed]:

@@ -6,7 +6,6 @@ and leaves the host running. All on the session's fp32 executor and real wasmtim
 One LocalWorker (one batcher thread) exists on the executor at a time: each test makes its own.
 """
 import contextlib
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from cluster.local_worker import LocalWorker
 from cluster.page_registry import PageRefused
 from cluster.remote_worker import RemoteWorker, WorkerUnavailable
 from cluster.worker_service import WorkerServer
+from helpers import wait_until
 from workers.errors import InvalidRequestError
 from workers.step_types import ForwardRequest
 
@@ -39,13 +39,6 @@ def served(executor, policy=BatchPolicy()):
     finally:
         server.stop()
         worker.close()
-
-
-def wait_until(condition, what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +86,10 @@ def test_a_host_that_goes_away_gives_its_pages_back(ex32, programs):
         remote = RemoteWorker(server.target)
         host = InferletHost(worker=remote)
         echo = host.launch(programs["echo"], ["8"])
-        wait_until(lambda: echo.outcome.messages, "the echo to start")
+        wait_until(lambda: echo.outcome.messages, 30, "the echo to start")
         assert ex32.num_free_pages == free_before - 8
         remote.close()  # the host's connection drops with its inferlet still holding 8 pages
-        wait_until(lambda: ex32.num_free_pages == free_before, "the worker to take the pages back")
+        wait_until(lambda: ex32.num_free_pages == free_before, 30, "the worker to take the pages back")
         echo.stop()  # it still waits for a message; its host stops it
         echo.wait(WAIT_S)
         host.close()
@@ -104,20 +97,21 @@ def test_a_host_that_goes_away_gives_its_pages_back(ex32, programs):
 
 
 def test_a_worker_that_goes_away_fails_its_inferlets_and_the_host_goes_on(ex32, programs):
+    free_before = ex32.num_free_pages
     with served(ex32) as (worker, server):
         remote = RemoteWorker(server.target)
         with InferletHost(worker=remote) as host:
             echo = host.launch(programs["echo"], ["2"])
-            wait_until(lambda: echo.outcome.messages, "the echo to start")
+            wait_until(lambda: echo.outcome.messages, 30, "the echo to start")
             server.stop(grace=0)
-            wait_until(lambda: _broken(remote), "the host to notice")
+            wait_until(lambda: _broken(remote), 30, "the host to notice")
             with pytest.raises(WorkerUnavailable, match=server.target):
                 remote.allocate("inferlet-x", 1, 8)
             echo.send("quit")
             assert echo.wait(WAIT_S).ok  # it held pages, and ends cleanly: release is best-effort
             launched = host.run(programs["text"], PROMPT)  # a new inferlet fails with the cause
             assert not launched.ok and "worker" in launched.error and server.target in launched.error
-        wait_until(lambda: ex32.num_free_pages == ex32.info.num_pages - _persistent(worker), "pages back")
+        wait_until(lambda: ex32.num_free_pages == free_before, 30, "the pages back")
         worker.check_idle()
 
 
@@ -127,10 +121,6 @@ def _broken(remote: RemoteWorker) -> bool:
     except WorkerUnavailable:
         return True
     return False
-
-
-def _persistent(worker: LocalWorker) -> int:
-    return sum(len(worker.pages._exports[n].pages) for n in worker.list_exports())
 
 
 def test_the_workers_errors_arrive_as_their_own_classes(ex32):
