@@ -231,9 +231,9 @@ class Batcher:
             results = self.executor.step(pack_batch(requests)).results
         except Exception as e:
             log.exception("executor step over %d passes failed", len(batch))
-            failed = {id(q) for q, _ in parts}
+            failed = {q for q, _ in parts}  # _Queued hashes by identity
             with self._cond:  # the unrun rest of a failed chunked pass goes too
-                self._passes = collections.deque(q for q in self._passes if id(q) not in failed)
+                self._passes = collections.deque(q for q in self._passes if q not in failed)
             for q, _ in parts:
                 q.pending.fail(e)
             return
