@@ -47,6 +47,12 @@ class DelegatingExecutor(Executor):
     def mask_slots(self, *args):
         self.real.mask_slots(*args)
 
+    def read_pages(self, pages):
+        return self.real.read_pages(pages)
+
+    def write_pages(self, pages, data):
+        self.real.write_pages(pages, data)
+
     def check_idle_invariant(self):
         self.real.check_idle_invariant()
 

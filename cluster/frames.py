@@ -9,13 +9,18 @@ import queue
 from typing import Iterator
 
 END = object()
+FRAME_BYTES = 4 << 20  # a frame takes more queued messages only while it is smaller than this
+MAX_MESSAGE_BYTES = 64 << 20  # one call or reply: page contents move in chunks well under it
+# gRPC options for both ends: a frame holds at least one message, and FRAME_BYTES more at most
+MESSAGE_LIMITS = (("grpc.max_send_message_length", MAX_MESSAGE_BYTES + FRAME_BYTES),
+                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES + FRAME_BYTES))
 
 
 def frames(outbox: queue.SimpleQueue) -> Iterator[list[bytes]]:
     """Lists of the queued messages, each as soon as one is there, until END."""
     while (first := outbox.get()) is not END:
-        batch = [first]
-        while True:
+        batch, size = [first], len(first)
+        while size < FRAME_BYTES:
             try:
                 item = outbox.get_nowait()
             except queue.Empty:
@@ -24,4 +29,5 @@ def frames(outbox: queue.SimpleQueue) -> Iterator[list[bytes]]:
                 outbox.put(END)  # seen by the next round, after this batch goes out
                 break
             batch.append(item)
+            size += len(item)
         yield batch

@@ -71,10 +71,8 @@ class LocalWorker:
 
     def _on_executor(self, holder: str, pages: tuple[int, ...], fn) -> None:
         """Queue fn for the executor thread with the pages pinned until it has run."""
-        self.pages.pin(pages)
-        done = self.batcher.call(fn)
-        done.on_done(lambda r: (self.pages.unpin(pages),
-                                r.error and log.error("%s: queued page operation failed: %r", holder, r.error)))
+        done = self._queued(pages, fn)
+        done.on_done(lambda r: r.error and log.error("%s: queued page operation failed: %r", holder, r.error))
 
     # -- sharing ---------------------------------------------------------------------------------
     def export(self, holder: str, name: str, pages: list[int], meta: str, persistent: bool) -> None:
@@ -88,6 +86,25 @@ class LocalWorker:
 
     def list_exports(self, prefix: str = "") -> list[str]:
         return self.pages.list_exports(prefix)
+
+    # -- moving pages between workers (cluster mode: an import of a name exported elsewhere) ----
+    def read_pages(self, holder: str, pages: list[int]) -> Pending:
+        """The contents of pages the holder may read (executor.read_pages), taken on the executor
+        thread before its next step; the Pending completes with the bytes."""
+        self.pages.require_readable(holder, pages)
+        return self._queued(tuple(pages), lambda ex: ex.read_pages(list(pages)))
+
+    def write_pages(self, holder: str, pages: list[int], data: bytes) -> Pending:
+        """Overwrite pages the holder may write with read_pages' bytes from another worker."""
+        self.pages.require_writable(holder, pages)
+        return self._queued(tuple(pages), lambda ex: ex.write_pages(list(pages), data))
+
+    def _queued(self, pages: tuple[int, ...], fn) -> Pending:
+        """fn(executor) on the executor thread, the pages pinned until it has run."""
+        self.pages.pin(pages)
+        done = self.batcher.call(fn)
+        done.on_done(lambda _: self.pages.unpin(pages))
+        return done
 
     # -- forward passes --------------------------------------------------------------------------
     def forward(self, holder: str, request: ForwardRequest) -> Pending:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from typing import Callable
 
 import grpc
 
 from cluster.errors import InferletError
-from cluster.frames import END, frames
+from cluster.frames import END, MESSAGE_LIMITS, frames
 from cluster.handler_codec import Call, decode_reply, encode_call
 from cluster.pending import Pending
 from cluster.proto import worker_pb2, worker_pb2_grpc
@@ -28,10 +29,13 @@ class WorkerUnavailable(InferletError):
 
 
 class RemoteWorker:
-    def __init__(self, target: str, timeout_s: float = 60.0):
+    def __init__(self, target: str, timeout_s: float = 60.0, on_broken: Callable[[str], None] | None = None):
+        """Connects to the worker at `target` and asks it for its model. `on_broken(reason)` runs
+        once, on the reader thread, when the connection is lost."""
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(target)
+        self._on_broken = on_broken
+        self._channel = grpc.insecure_channel(target, options=MESSAGE_LIMITS)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._calls: dict[int, Pending] = {}
         self._ids = itertools.count(1)
@@ -39,7 +43,7 @@ class RemoteWorker:
         self._broken: str | None = None
         stream = worker_pb2_grpc.WorkerStub(self._channel).Calls(self._frames())
         threading.Thread(target=self._read, args=(stream,), name="worker-replies", daemon=True).start()
-        described = self._wait(self._call("describe", ""))
+        described = self.wait(self._call("describe", ""))
         info = dict(described["info"])
         info["stop_token_ids"] = tuple(info["stop_token_ids"])
         self.info = ModelInfo(**info)
@@ -78,11 +82,22 @@ class RemoteWorker:
     def forward(self, holder: str, request: ForwardRequest) -> Pending:
         return self._call("forward", holder, request)
 
+    def read_pages(self, holder: str, pages: list[int]) -> Pending:
+        return self._call("read_pages", holder, list(pages))
+
+    def write_pages(self, holder: str, pages: list[int], data: bytes) -> Pending:
+        return self._call("write_pages", holder, list(pages), data)
+
     def release(self, holder: str) -> None:
         try:
             self._sync("release", holder)
         except WorkerUnavailable:
             pass  # the worker is gone, and with it everything the inferlet held there
+
+    @property
+    def broken(self) -> str | None:
+        """Why the connection is lost, or None while it stands."""
+        return self._broken
 
     def close(self) -> None:
         self._outbox.put(END)
@@ -102,9 +117,10 @@ class RemoteWorker:
         return pending
 
     def _sync(self, method: str, holder: str, *args):
-        return self._wait(self._call(method, holder, *args))
+        return self.wait(self._call(method, holder, *args))
 
-    def _wait(self, pending: Pending):
+    def wait(self, pending: Pending):
+        """The value of one of this worker's Pendings; WorkerUnavailable when it does not answer in time."""
         try:
             return pending.wait(self.timeout_s)
         except TimeoutError:
@@ -135,3 +151,5 @@ class RemoteWorker:
             outstanding, self._calls = list(self._calls.values()), {}
         for pending in outstanding:
             pending.fail(WorkerUnavailable(reason))
+        if self._on_broken:
+            self._on_broken(reason)

@@ -15,7 +15,7 @@ from concurrent import futures
 
 import grpc
 
-from cluster.frames import END, frames
+from cluster.frames import END, MESSAGE_LIMITS, frames
 from cluster.handler_codec import Call, Reply, decode_call, encode_reply
 from cluster.local_worker import LocalWorker
 from cluster.pending import Pending
@@ -41,6 +41,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             "export": w.export, "import_": w.import_, "unexport": w.unexport,
             "list_exports": lambda holder, prefix: w.list_exports(prefix),
             "forward": w.forward, "release": w.release,
+            "read_pages": w.read_pages, "write_pages": w.write_pages,
         }
 
     def Calls(self, incoming, context):
@@ -94,7 +95,7 @@ class WorkerServer:
     def __init__(self, worker: LocalWorker, address: str = "127.0.0.1", port: int = 0, max_hosts: int = 64):
         self.worker = worker
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_hosts, thread_name_prefix="worker-rpc"),
-                                   options=[("grpc.so_reuseport", 0)])
+                                   options=[("grpc.so_reuseport", 0), *MESSAGE_LIMITS])
         worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), self._server)
         self.port = self._server.add_insecure_port(f"{address}:{port}")
         self.target = f"{address}:{self.port}"

@@ -179,3 +179,30 @@ def test_executor_sizes_its_cache_from_the_budget(tmp_path):
     ex.check_idle_invariant()
     with pytest.raises(PageStateError):
         ex.free_pages(pages[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_pages_then_write_pages_moves_keys_values_and_masks_to_another_cache(dtype):
+    src = filled_cache()
+    src.layers = [t.to(dtype) for t in src.layers]
+    src.set_slot_mask(3, [True, False, True, False, False, True])
+    data = src.read_pages([3, 1])
+    assert len(data) == 2 * src.page_record_bytes()
+    dst = PagedKVCache(TINY, num_pages=5, page_size=6, dtype=dtype, device=torch.device("cpu"))
+    dst.write_pages([0, 4], data)  # page 3 -> 0, page 1 -> 4
+    for s, d in zip(src.layers, dst.layers):
+        assert torch.equal(d[0], s[3]) and torch.equal(d[4], s[1])
+        assert not d[1:4].any()  # nothing else written
+    assert mask_of(dst)[0].tolist() == [True, False, True, False, False, True]
+    assert mask_of(dst)[4].tolist() == mask_of(src)[1].tolist() == [False, True, True, False, True, False]
+
+
+def test_write_pages_refuses_data_of_another_shape_and_changes_nothing():
+    src = filled_cache()
+    data = src.read_pages([1, 2])
+    dst = PagedKVCache(TINY, num_pages=5, page_size=6, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(InvalidRequestError, match="different model or dtype"):
+        dst.write_pages([0], data)  # two pages of data for one page
+    with pytest.raises(InvalidRequestError):
+        dst.write_pages([7, 0], data)  # out of range
+    assert all(not t.any() for t in dst.layers)

@@ -67,5 +67,15 @@ class Executor(ABC):
         """Hide (True) or show (False) each token slot of a page to all later attention."""
 
     @abstractmethod
+    def read_pages(self, pages: list[int]) -> bytes:
+        """The whole contents of pages (K, V of every layer and the slot masks), to move them to
+        another executor of the same model and dtype with write_pages."""
+
+    @abstractmethod
+    def write_pages(self, pages: list[int], data: bytes) -> None:
+        """Overwrite pages with what read_pages gave for as many pages elsewhere; raises
+        InvalidRequestError when data does not have that size."""
+
+    @abstractmethod
     def check_idle_invariant(self) -> None:
         """Raise PageStateError unless free + allocated pages == total."""

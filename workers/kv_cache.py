@@ -62,6 +62,38 @@ class PagedKVCache:
         self.slot_masked[dst_page, dst_start:dst_start + length] = \
             self.slot_masked[src_page, src_start:src_start + length].copy()
 
+    def page_record_bytes(self) -> int:
+        """Bytes read_pages gives per page: keys and values of every layer, then the slot mask."""
+        t = self.layers[0]
+        return len(self.layers) * t[0].numel() * t.element_size() + self.page_size
+
+    def read_pages(self, pages: list[int]) -> bytes:
+        """Pages as one buffer: per layer the [len(pages), 2, page_size, heads, dim] block, raw, then
+        the slot masks; only an executor with the same model, dtype and page size can read it."""
+        for p in pages:
+            self._check_range(p, 0, self.page_size, "read")
+        index = torch.as_tensor(pages, dtype=torch.long, device=self.layers[0].device)
+        parts = [t.index_select(0, index).contiguous().cpu().view(torch.uint8).numpy().tobytes() for t in self.layers]
+        return b"".join(parts) + self.slot_masked[pages].astype(np.uint8).tobytes()
+
+    def write_pages(self, pages: list[int], data: bytes) -> None:
+        """Overwrite pages with a read_pages buffer of as many pages (same model, dtype, page size)."""
+        for p in pages:
+            self._check_range(p, 0, self.page_size, "written")
+        expected = len(pages) * self.page_record_bytes()
+        if len(data) != expected:
+            raise InvalidRequestError(f"page data has {len(data)} bytes; {len(pages)} pages of this model, dtype and "
+                                      f"page size take {expected}: it comes from a different model or dtype")
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        index = torch.as_tensor(pages, dtype=torch.long, device=self.layers[0].device)
+        offset = 0
+        for t in self.layers:
+            size = len(pages) * t[0].numel() * t.element_size()
+            block = raw[offset:offset + size].view(t.dtype).view(len(pages), *t.shape[1:])
+            t.index_copy_(0, index, block.to(t.device))
+            offset += size
+        self.slot_masked[pages] = np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(len(pages), -1) != 0
+
     def set_slot_mask(self, page: int, masked: list[bool]) -> None:
         """Mask (True) or unmask (False) each slot of a page for all later attention."""
         if len(masked) != self.page_size:

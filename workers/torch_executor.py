@@ -81,6 +81,14 @@ class TorchExecutor(Executor):
         self._require_allocated([page])
         self.kv.set_slot_mask(page, masked)
 
+    def read_pages(self, pages: list[int]) -> bytes:
+        self._require_allocated(pages)
+        return self.kv.read_pages(pages)
+
+    def write_pages(self, pages: list[int], data: bytes) -> None:
+        self._require_allocated(pages)
+        self.kv.write_pages(pages, data)
+
     def _require_allocated(self, pages, request: int | None = None) -> None:
         for p in pages:
             if not self.pages.is_allocated(int(p)):
