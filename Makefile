@@ -1,12 +1,13 @@
 # make setup: a .venv with everything, the model included (idempotent)
 # make run:   run the text_completion inferlet on the embedded engine (SmolLM2 on the CPU)
 # make test:  the test suite       make bench: executor vs transformers throughput
+# make loadtest: locust against a local `pie serve` for DURATION (60s) with USERS (4) users; prints TTFT / ITL / e2e
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test bench proto clean
+.PHONY: setup run test bench loadtest proto clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +27,14 @@ test: setup
 
 bench: setup
 	$(PY) -m workers.bench --json docs/bench-latest.json
+
+# e.g. make loadtest USERS=8 DURATION=2m MAX_TOKENS=64 LOADTEST_ARGS='--server-args="--dtype fp32"'
+USERS ?= 4
+DURATION ?= 60s
+MAX_TOKENS ?= 32
+LOADTEST_ARGS ?=
+loadtest: setup
+	$(PY) loadtests/run.py --users $(USERS) --duration $(DURATION) --max-tokens $(MAX_TOKENS) $(LOADTEST_ARGS)
 
 # regenerate the committed gRPC code of cluster/proto (tests check it is current)
 proto: setup

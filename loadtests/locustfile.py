@@ -1,0 +1,204 @@
+"""A locust load test of a pie server: each user launches the text_completion inferlet over gRPC,
+again and again, and reads its event stream.
+
+    locust -f loadtests/locustfile.py --headless -u 4 -r 4 -t 60s --host 127.0.0.1:50051 \
+        --wasm text_completion.wasm [--max-tokens 32] [--no-ignore-eos] [--launch-timeout 300] \
+        [--samples-json samples.json] [--pie-token T]
+
+`loadtests/run.py` (`make loadtest`) builds the component, starts `pie serve` and runs this. Metrics,
+as locust requests of type "grpc" (milliseconds):
+    ttft  from the Launch call to the first Message event
+    itl   each gap between consecutive Message events of one launch (one per message after the first)
+    e2e   from the Launch call to Finished; its "size" is the number of messages
+Each user runs a closed loop with no think time, cycling through a few prompts, with --ignore-eos
+(every launch generates --max-tokens). A Failed event or a gRPC error (a launch past --launch-timeout
+included) is a failure of "e2e" carrying the error text; a failed upload is a failure of "upload" and
+stops the test (exit status 2). --samples-json writes every successful sample on quitting: exact
+percentiles for loadtests/run.py (locust's tables round times above 100 ms), per process. The
+component is uploaded once per process, on the first user's start (content-addressed: a server that
+already holds it answers at once).
+
+Run by locust in its own process: this file must not import torch, transformers or ray (locust's
+gevent monkey-patching breaks ssl beside them); it imports only the generated gRPC stubs and
+cluster.grpc_client / grpc_auth, which import nothing else (tests/test_loadtest.py checks).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+
+import gevent
+import gevent.lock
+import grpc
+import grpc.experimental.gevent
+from locust import User, constant, events, task
+from locust.exception import StopUser
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from cluster.grpc_auth import bearer_metadata  # noqa: E402
+from cluster.grpc_client import PieClient, RequestFailed  # noqa: E402  (grpc and the stubs only)
+from cluster.proto import pie_pb2, pie_pb2_grpc  # noqa: E402
+
+grpc.experimental.gevent.init_gevent()  # before any channel: gRPC's waits yield to other greenlets
+
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a CPU cache is.",
+    "Give me three names for a grey cat.",
+)
+log = logging.getLogger("pie-loadtest")
+
+
+@events.init_command_line_parser.add_listener
+def _arguments(parser) -> None:
+    parser.add_argument("--wasm", env_var="PIE_LOADTEST_WASM", default="",
+                        help="the text_completion component (`pie build inferlets/examples/text_completion.py -o X.wasm`)")
+    parser.add_argument("--max-tokens", type=int, env_var="PIE_LOADTEST_MAX_TOKENS", default=32,
+                        help="tokens each launch generates (default 32)")
+    parser.add_argument("--no-ignore-eos", action="store_true", default=False,
+                        help="stop at the model's end of turn (default: always generate --max-tokens)")
+    parser.add_argument("--launch-timeout", type=float, default=300.0,
+                        help="seconds one launch may take to finish before it counts as failed (default 300)")
+    parser.add_argument("--samples-json", default="", include_in_web_ui=False,
+                        help="on quitting, write every successful sample (ms) of ttft / itl / e2e and the "
+                             "request and failure counts to this JSON file (exact percentiles; locust rounds)")
+    parser.add_argument("--pie-token", env_var="PIE_TOKEN", default="", is_secret=True,
+                        help="the server's bearer token (default: $PIE_TOKEN)")
+
+
+class _Program:
+    """The component's program id on the server, uploaded once per process (a failure is kept too:
+    the users after the first one report it without trying again)."""
+
+    def __init__(self):
+        self.lock = gevent.lock.Semaphore()
+        self.program_id: str | None = None
+        self.error: str | None = None
+
+    def get(self, address: str, token: str, wasm_path: str) -> str:
+        with self.lock:
+            if self.program_id is None and self.error is None:
+                try:
+                    self.program_id = self._upload(address, token, wasm_path)
+                except (RequestFailed, OSError, ValueError) as e:
+                    self.error = str(e)
+            if self.error is not None:
+                raise RuntimeError(self.error)
+            return self.program_id
+
+    @staticmethod
+    def _upload(address: str, token: str, wasm_path: str) -> str:
+        if not address:
+            raise ValueError("no server given: pass --host HOST:PORT")
+        if not wasm_path:
+            raise ValueError("no component given: pass --wasm PATH (or PIE_LOADTEST_WASM); build it with "
+                             "`.venv/bin/pie build inferlets/examples/text_completion.py -o PATH`")
+        with PieClient(address, token=token or None) as client:
+            return client.upload(wasm_path)
+
+
+_program = _Program()
+SAMPLES_MS: dict[str, list[float]] = {"ttft": [], "itl": [], "e2e": []}  # successes of this process
+
+
+@events.quitting.add_listener
+def _write_samples(environment, **_) -> None:
+    """The final figures (locust's CSV is rewritten once a second, so it can miss the last second)."""
+    path = environment.parsed_options.samples_json if environment.parsed_options else ""
+    if not path or environment.runner is None:
+        return
+    stats = environment.runner.stats
+    report = {
+        "samples_ms": SAMPLES_MS,
+        "requests": {name: {"count": e.num_requests, "failures": e.num_failures}
+                     for (name, _method), e in stats.entries.items()},
+        "failures": stats.total.num_failures,
+        "errors": [{"name": e.name, "error": str(e.error), "occurrences": e.occurrences} for e in stats.errors.values()],
+        "run_s": time.time() - stats.total.start_time,
+    }
+    with open(path, "w") as f:
+        json.dump(report, f)
+
+
+def _describe(error: grpc.RpcError) -> str:
+    return f"{error.code().name}: {error.details()}"
+
+
+class TextCompletionUser(User):
+    """One client at a time: launch text_completion, read its stream to the end, launch again."""
+
+    wait_time = constant(0)
+    _prompts = itertools.cycle(PROMPTS)
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        self.max_tokens = opts.max_tokens if opts else 32
+        self.ignore_eos = not (opts and opts.no_ignore_eos)
+        self.launch_timeout = opts.launch_timeout if opts else 300.0
+        token = opts.pie_token if opts else ""
+        self.metadata = bearer_metadata(token) if token else ()
+        address = (self.host or "").removeprefix("grpc://")
+        t0 = time.perf_counter()
+        try:
+            self.program_id = _program.get(address, token, opts.wasm if opts else "")
+        except RuntimeError as e:
+            log.error("upload of the component to %s failed: %s; stopping the test", address or "?", e)
+            self._fire("upload", (time.perf_counter() - t0) * 1e3, exception=RuntimeError(f"upload failed: {e}"))
+            self.environment.process_exit_code = 2
+            gevent.spawn(self.environment.runner.quit)
+            self.program_id = None  # the task stops this user (StopUser here would log a traceback)
+            return
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pie_pb2_grpc.InferletsStub(self.channel)
+
+    def on_stop(self) -> None:
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.close()
+
+    def _fire(self, name: str, ms: float, length: int = 0, exception: BaseException | None = None) -> None:
+        if exception is None and name in SAMPLES_MS:
+            SAMPLES_MS[name].append(ms)
+        self.environment.events.request.fire(request_type="grpc", name=name, response_time=ms,
+                                             response_length=length, exception=exception, context={})
+
+    @task
+    def text_completion(self) -> None:
+        if self.program_id is None:
+            raise StopUser()
+        args = ["--prompt", next(self._prompts), "--max-tokens", str(self.max_tokens)]
+        if self.ignore_eos:
+            args.append("--ignore-eos")
+        request = pie_pb2.LaunchRequest(program_id=self.program_id, arguments=args)
+        start = time.perf_counter()
+        call = self.stub.Launch(request, metadata=self.metadata, timeout=self.launch_timeout)
+        messages, last = 0, None
+
+        def end(error: str | None = None) -> None:
+            self._fire("e2e", (time.perf_counter() - start) * 1e3, length=messages,
+                       exception=RuntimeError(error) if error else None)
+
+        try:
+            for event in call:
+                kind = event.WhichOneof("kind")
+                if kind == "message":
+                    now = time.perf_counter()
+                    if last is None:
+                        self._fire("ttft", (now - start) * 1e3)
+                    else:
+                        self._fire("itl", (now - last) * 1e3)
+                    messages, last = messages + 1, now
+                elif kind == "finished":
+                    return end()
+                elif kind == "failed":
+                    return end(f"the inferlet failed: {event.failed.error.strip()}")
+            end("the stream ended without Finished or Failed")
+        except grpc.RpcError as e:
+            end(f"Launch: {_describe(e)}")
+        finally:
+            call.cancel()  # no-op after the end; stops the inferlet when the test stops this user mid-stream
