@@ -118,6 +118,10 @@ class LaunchStream:
             if not (self._cancelled and e.code() == grpc.StatusCode.CANCELLED):
                 raise RequestFailed.of("Launch", self._address, e) from None
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
     def cancel(self) -> None:
         self._cancelled = True
         self._call.cancel()
@@ -161,9 +165,11 @@ class PieClient:
 
         return self._unary("Upload", chunks(), UPLOAD_TIMEOUT_S).program_id
 
-    def launch(self, program_id: str, arguments: list[str] | tuple[str, ...] = ()) -> LaunchStream:
-        call = self._stub.Launch(pie_pb2.LaunchRequest(program_id=program_id, arguments=list(arguments)),
-                                 metadata=self._metadata)
+    def launch(self, program_id: str, arguments: list[str] | tuple[str, ...] = (), prompt_hint: str = "") -> LaunchStream:
+        """Start a program; `prompt_hint` (optional) is text its context will start with, which a
+        cluster uses to place it beside a cached prefix."""
+        request = pie_pb2.LaunchRequest(program_id=program_id, arguments=list(arguments), prompt_hint=prompt_hint)
+        call = self._stub.Launch(request, metadata=self._metadata)
         return LaunchStream(call, self.address)
 
     def send(self, instance_id: str, text: str) -> None:

@@ -17,7 +17,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 from wasmtime import component as wc
@@ -26,8 +26,10 @@ from cluster.errors import (HostBusy, InferletError, InvalidComponentError, Prog
                             UnknownProgram)
 from cluster.grpc_auth import BearerTokenAuth
 from cluster.inferlet_host import InferletHost, Outcome, RunningInferlet
+from cluster.kv_directory import NoLiveWorker
 from cluster.program_store import ProgramStore
 from cluster.proto import pie_pb2, pie_pb2_grpc
+from cluster.remote_worker import WorkerUnavailable
 from cluster.sandbox import MAX_COMPONENT_BYTES
 from cluster.session import InferletEnded
 from cluster.wit_values import Refused
@@ -49,10 +51,15 @@ _STATUS_OF = (
     (HostBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InferletEnded, grpc.StatusCode.FAILED_PRECONDITION),
     (Refused, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a message too large, an inbox full
+    (NoLiveWorker, grpc.StatusCode.UNAVAILABLE),  # cluster mode: every worker is down or still loading
+    (WorkerUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
 
 def status_of(error: InferletError) -> grpc.StatusCode:
+    relayed = getattr(error, "status_code", None)  # a refusal a cluster host gave, passed on as it was
+    if isinstance(relayed, grpc.StatusCode):
+        return relayed
     for kind, code in _STATUS_OF:
         if isinstance(error, kind):
             return code
@@ -73,16 +80,18 @@ class _Live:
 class InferletService(pie_pb2_grpc.InferletsServicer):
     def __init__(self, host: InferletHost, store: ProgramStore, max_running: int = DEFAULT_MAX_RUNNING):
         self.host = host
+        self.sandbox = host.sandbox  # compiles uploads, to refuse what is not an inferlet at once
         self.store = store
         self.max_running = max_running
         self._components: dict[str, wc.Component] = {}  # program id -> compiled, validated component
         self._live: dict[str, _Live] = {}  # instance id -> running inferlet
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._starting = 0  # launches under way, not yet in _live
         self._lock = threading.Lock()
 
     # -- programs --------------------------------------------------------------------------------
     def _compile(self, path: Path) -> wc.Component:
-        component = self.host.sandbox.load(path)
+        component = self.sandbox.load(path)
         if component.get_export_index("run") is None:
             raise InvalidComponentError("the component exports no `run` function: it is not built for the "
                                         "inferlet world; build it with `pie build`")
@@ -122,9 +131,9 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
             _refuse(context, e)
 
     # -- running inferlets -----------------------------------------------------------------------
-    def _start(self, component: wc.Component, request: pie_pb2.LaunchRequest,
+    def _start(self, component: wc.Component, request: pie_pb2.LaunchRequest, context,
                events: queue.SimpleQueue) -> RunningInferlet:
-        def ended(outcome: Outcome) -> None:  # on the scheduler thread
+        def ended(outcome: Outcome) -> None:  # on the scheduler thread (or a relay's)
             with self._lock:
                 self._live.pop(outcome.instance_id, None)
                 self._ended[outcome.instance_id] = None
@@ -132,18 +141,30 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                     self._ended.popitem(last=False)
             events.put(outcome)
 
-        with self._lock:  # `ended` waits for this lock, so it never runs before the inferlet is registered
-            if len(self._live) >= self.max_running:
-                raise HostBusy(f"this server already runs {len(self._live)} inferlets, its limit; "
-                               f"retry when some have ended")
-            running = self.host.launch(component, list(request.arguments), on_message=events.put, on_end=ended)
-            self._live[running.instance_id] = _Live(running, request.program_id, time.monotonic())
+        with self._lock:
+            if len(self._live) + self._starting >= self.max_running:
+                raise HostBusy(f"this server already runs {len(self._live) + self._starting} inferlets, its "
+                               f"limit; retry when some have ended")
+            self._starting += 1
+        try:  # outside the lock: a cluster gateway's launch waits for a host
+            running = self._launch(component, request, context, events.put, ended)
+        finally:
+            with self._lock:
+                self._starting -= 1
+        with self._lock:
+            if running.instance_id not in self._ended:  # it may have ended already
+                self._live[running.instance_id] = _Live(running, request.program_id, time.monotonic())
         return running
+
+    def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest, context,
+                on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RunningInferlet:
+        """Start the inferlet (cluster mode overrides where and how)."""
+        return self.host.launch(component, list(request.arguments), on_message=on_message, on_end=on_end)
 
     def Launch(self, request: pie_pb2.LaunchRequest, context) -> Iterator[pie_pb2.Event]:
         events: queue.SimpleQueue[str | Outcome] = queue.SimpleQueue()
         try:
-            running = self._start(self._component(request.program_id), request, events)
+            running = self._start(self._component(request.program_id), request, context, events)
         except InferletError as e:
             _refuse(context, e)
         if not context.add_callback(lambda: running.stop("its client went away")):
@@ -192,11 +213,14 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
             for iid, x in live])
 
     def Health(self, request: pie_pb2.Empty, context) -> pie_pb2.HealthReply:
-        worker = self.host.worker
         with self._lock:
             running = len(self._live)
-        return pie_pb2.HealthReply(status="serving", model=worker.info.name, free_pages=worker.num_free_pages,
-                                   total_pages=worker.info.num_pages, running=running)
+        return pie_pb2.HealthReply(status="serving", running=running, **self._capacity())
+
+    def _capacity(self) -> dict:
+        """The model and KV pages behind this service: HealthReply's model, free_pages, total_pages."""
+        worker = self.host.worker
+        return {"model": worker.info.name, "free_pages": worker.num_free_pages, "total_pages": worker.info.num_pages}
 
 
 class PieServer:
@@ -228,8 +252,14 @@ def serve(host: InferletHost, port: int = DEFAULT_PORT, address: str = "127.0.0.
     if max_running < 1:
         raise ValueError(f"max_running must be at least 1, not {max_running}")
     service = InferletService(host, store or ProgramStore(max_bytes=max_component_bytes), max_running)
+    return serve_service(service, port, address, token)
+
+
+def serve_service(service: InferletService, port: int = DEFAULT_PORT, address: str = "127.0.0.1",
+                  token: str | None = None) -> PieServer:
+    """Serve a built InferletService (or a subclass: cluster mode's host and gateway services)."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_running + UNARY_THREADS, thread_name_prefix="pie-grpc"),
+        futures.ThreadPoolExecutor(max_workers=service.max_running + UNARY_THREADS, thread_name_prefix="pie-grpc"),
         interceptors=[BearerTokenAuth(token)] if token else [],
         options=[("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 10_000),
                  ("grpc.so_reuseport", 0)])

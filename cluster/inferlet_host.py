@@ -113,10 +113,11 @@ class InferletHost:
 
     def launch(self, program: str | Path | wc.Component, arguments: list[str] = (), limits: Limits | None = None,
                on_message: Callable[[str], None] | None = None,
-               on_end: Callable[[Outcome], None] | None = None) -> RunningInferlet:
+               on_end: Callable[[Outcome], None] | None = None, instance_id: str | None = None) -> RunningInferlet:
+        """Start an inferlet; `instance_id` names it (default: a fresh `inferlet-<host>-<n>`)."""
         component = self.component(program)
         limits = limits or self.limits
-        instance_id = f"inferlet-{self.host_id}-{next(self._ids)}"
+        instance_id = instance_id or self.new_instance_id()
         outcome = Outcome(instance_id)
         finished = threading.Event()
 
@@ -135,6 +136,9 @@ class InferletHost:
         task = Task(session, component, limits, ended)
         self.scheduler.start(task)
         return RunningInferlet(instance_id, self, session, task, outcome, finished)
+
+    def new_instance_id(self) -> str:
+        return f"inferlet-{self.host_id}-{next(self._ids)}"
 
     def run(self, program: str | Path | wc.Component, arguments: list[str] = (), **kwargs) -> Outcome:
         return self.launch(program, arguments, **kwargs).wait()

@@ -35,6 +35,7 @@ class RemoteWorker:
         self.target = target
         self.timeout_s = timeout_s
         self._on_broken = on_broken
+        self._closing = False
         self._channel = grpc.insecure_channel(target, options=MESSAGE_LIMITS)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._calls: dict[int, Pending] = {}
@@ -100,6 +101,7 @@ class RemoteWorker:
         return self._broken
 
     def close(self) -> None:
+        self._closing = True  # a connection this side ends is not a worker lost
         self._outbox.put(END)
         self._channel.close()
 
@@ -151,5 +153,5 @@ class RemoteWorker:
             outstanding, self._calls = list(self._calls.values()), {}
         for pending in outstanding:
             pending.fail(WorkerUnavailable(reason))
-        if self._on_broken:
+        if self._on_broken and not self._closing:
             self._on_broken(reason)
