@@ -1,0 +1,1 @@
+"""Cluster mode's Ray actors: the KV-page directory, GPU workers, inferlet hosts (see cluster/actors/cluster.py)."""

@@ -1,0 +1,104 @@
+"""Start (or find) cluster mode's actors on Ray, and the gateway service in front of them.
+
+    ray.init(...)                           # or ray.init(address="auto") to join a cluster
+    cluster = start_cluster(ClusterSpec(workers=2))
+    server = serve_service(cluster.gateway_service(), port=50051)
+
+One directory actor, `workers` worker actors (each asks Ray for `worker_resources`: num_gpus=1
+on a GPU cluster, nothing on a CPU box) and `hosts` host actors, all named and restarted by Ray
+when they die. Actors that already exist under those names are reused (a second gateway, or a
+Serve replica that restarted, joins the same cluster). `pie serve --ray` and deploy/app.py both
+start the cluster through here.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, Directory, DirectoryHandle
+from cluster.actors.host_actor import HostActor
+from cluster.actors.worker_actor import WorkerActor
+from cluster.batcher import BatchPolicy
+from cluster.gateway import GatewayService, HostLink
+from cluster.grpc_server import DEFAULT_MAX_RUNNING
+from cluster.program_store import ProgramStore
+
+WORKER_NAME = "pie-worker-{}"
+HOST_NAME = "pie-host-{}"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    workers: int = 2  # worker actors: one per GPU, or CPU workers on a machine without one
+    hosts: int = 1  # inferlet host actors (each runs many sandboxes)
+    model: str | None = None  # a .gguf file, a model directory or a hub id (default: SmolLM2)
+    dtype: str = "bf16"
+    device: str = "cpu"  # "cuda" on GPU workers
+    num_pages: int | None = None  # KV pages per worker (default: the executor's budget)
+    page_size: int = 16
+    torch_threads: int | None = None  # per CPU worker (default: the node's cores shared among its workers)
+    policy: BatchPolicy = BatchPolicy()
+    worker_resources: dict = field(default_factory=dict)  # e.g. {"num_gpus": 1}; {} asks Ray for nothing
+    max_running: int = DEFAULT_MAX_RUNNING  # per host, and at the gateway
+    # where workers and hosts listen: None = each node's address (multi-node); "127.0.0.1" on one machine.
+    # Their services have no authentication: keep them on a private network
+    bind_address: str | None = None
+
+
+class Cluster:
+    """Handles to the started actors."""
+
+    def __init__(self, spec: ClusterSpec, directory, workers: list, hosts: list):
+        self.spec = spec
+        self.directory_actor = directory
+        self.directory = DirectoryHandle(directory)
+        self.workers = workers  # worker actor handles, in worker-id order
+        self.hosts = hosts  # host actor handles
+
+    def host_links(self) -> list[HostLink]:
+        import ray
+
+        return [HostLink(lambda h=h: tuple(ray.get(h.address.remote()))) for h in self.hosts]
+
+    def gateway_service(self, store: ProgramStore | None = None) -> GatewayService:
+        return GatewayService(self.host_links(), self.directory, store or ProgramStore(), self.spec.max_running)
+
+    def wait_for_workers(self, count: int | None = None, timeout_s: float = 600.0) -> None:
+        """Block until `count` (default: all) workers are live in the directory, printing progress."""
+        count = len(self.workers) if count is None else count
+        deadline = time.monotonic() + timeout_s
+        while (live := sum(w.live for w in self.directory.workers())) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {live} of {count} workers joined within {timeout_s:.0f} s; "
+                                   f"see the worker actors' logs (ray logs, or the driver's output)")
+            print(f"[cluster] waiting for workers to load the model: {live}/{count} ready", file=sys.stderr,
+                  flush=True)
+            time.sleep(1.0)
+
+
+def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Cluster:
+    """Create the actors (or reuse those of the same names) in the current Ray session."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("start Ray first: ray.init() (a local cluster) or ray.init(address='auto')")
+    threads = spec.torch_threads or max(1, (os.cpu_count() or 1) // max(1, spec.workers))
+    directory = ray.remote(Directory).options(
+        name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
+    ).remote(spec.page_size)
+    workers = [ray.remote(WorkerActor).options(
+        name=WORKER_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
+        num_cpus=0, max_concurrency=8, **spec.worker_resources,
+    ).remote(f"worker-{i}", DIRECTORY_NAME, spec.model, spec.dtype, spec.num_pages, threads, spec.policy, spec.device,
+              spec.bind_address)
+        for i in range(spec.workers)]
+    hosts = [ray.remote(HostActor).options(
+        name=HOST_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
+        num_cpus=0, max_concurrency=8,
+    ).remote(DIRECTORY_NAME, max_running=spec.max_running, address=spec.bind_address) for i in range(spec.hosts)]
+    cluster = Cluster(spec, directory, workers, hosts)
+    if wait:
+        cluster.wait_for_workers()
+    return cluster

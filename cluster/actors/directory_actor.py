@@ -1,0 +1,89 @@
+"""The KV-page directory as a Ray actor, and the synchronous handle hosts and the gateway call it through.
+
+`Directory` is cluster.kv_directory.KvDirectory plus what a cluster needs around it: where each
+worker serves its handler calls (its gRPC target, which changes when Ray restarts it) and the
+model the workers run (so a host can tokenize before it has dialled any worker). Ray runs it as
+the named actor DIRECTORY_NAME; `DirectoryHandle` makes its methods plain blocking calls that
+raise the directory's own errors, so cluster code reads the same against a Directory in process
+(tests) or the actor.
+"""
+from __future__ import annotations
+
+import threading
+
+from cluster.errors import InferletError
+from cluster.kv_directory import KvDirectory, NoLiveWorker, Reclaimed
+
+DIRECTORY_NAME = "pie-directory"
+NAMESPACE = "pie"  # the Ray namespace of every cluster-mode actor
+
+
+class Directory(KvDirectory):
+    def __init__(self, page_size: int, cache_key: str = ""):
+        super().__init__(page_size, cache_key)
+        self._targets: dict[str, str] = {}  # worker id -> its handler-call service, host:port
+        self._model: dict | None = None  # worker_service.describe() of the first worker
+        self._meta_lock = threading.Lock()
+
+    def join(self, worker_id: str, target: str, num_pages: int, model: dict) -> Reclaimed:
+        """A worker (re)starts, empty, serving at `target`. Every worker must run the same model."""
+        info = model["info"]
+        with self._meta_lock:
+            if self._model is not None and self._model["info"]["name"] != info["name"]:
+                raise InferletError(f"worker {worker_id!r} runs {info['name']!r}, the cluster runs "
+                                    f"{self._model['info']['name']!r}: one model per cluster")
+            self._model = self._model or model
+            self._targets[worker_id] = target
+        return self.register(worker_id, num_pages, info["page_size"])
+
+    def target(self, worker_id: str) -> str:
+        """Where the worker serves handler calls (raises WorkerDead / UnknownWorker when it cannot)."""
+        with self._lock:
+            self._worker(worker_id)  # raises unless known and live
+        with self._meta_lock:
+            return self._targets[worker_id]
+
+    def worker_lost(self, worker_id: str, target: str) -> Reclaimed:
+        """A host lost its connection to the worker at `target`. It is dead unless it has already
+        rejoined at another target (a restart the host noticed late)."""
+        with self._meta_lock:
+            if self._targets.get(worker_id) != target:
+                return Reclaimed()
+        return self.worker_died(worker_id)
+
+    def model(self) -> dict:
+        with self._meta_lock:
+            if self._model is None:
+                raise NoLiveWorker("no worker has joined the cluster yet; wait for the workers to load the model")
+            return self._model
+
+    def capacity(self) -> dict:
+        """The model and the live workers' KV pages (as last reported): HealthReply's fields."""
+        live = [w for w in self.workers() if w.live]
+        with self._meta_lock:
+            model = self._model["info"]["name"] if self._model and live else ""
+        return {"model": model, "free_pages": sum(w.free_pages for w in live),
+                "total_pages": sum(w.num_pages for w in live)}
+
+    def ping(self) -> bool:
+        return True
+
+
+class DirectoryHandle:
+    """Blocking calls to the directory actor: `handle.place(tokens)` instead of ray.get(...remote()).
+    An error the directory raises arrives as its own class."""
+
+    def __init__(self, actor):
+        self._actor = actor
+
+    def __getattr__(self, method: str):
+        import ray
+
+        remote = getattr(self._actor, method).remote
+
+        def call(*args, **kwargs):
+            try:
+                return ray.get(remote(*args, **kwargs))
+            except ray.exceptions.RayTaskError as e:
+                raise e.cause if isinstance(e.cause, Exception) else e
+        return call

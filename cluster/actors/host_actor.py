@@ -1,0 +1,57 @@
+"""An inferlet host as a Ray actor: a ClusterHost behind the client API, which the gateway relays to.
+
+The host serves pie.v1.Inferlets on its node's address (any free port); `address()` tells the
+gateway its host id and target. Launches are placed by the directory (see cluster/cluster_host.py)
+using the request's prompt hint. Ray restarts a killed host actor; it comes back empty with a new
+id and port, and the gateway dials it again.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from wasmtime import component as wc
+
+from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, DirectoryHandle
+from cluster.cluster_host import ClusterHost
+from cluster.grpc_server import DEFAULT_MAX_RUNNING, InferletService, serve_service
+from cluster.inferlet_host import Outcome, RunningInferlet
+from cluster.program_store import ProgramStore
+from cluster.proto import pie_pb2
+from cluster.sandbox import Limits
+
+
+class HostService(InferletService):
+    """The client API of one ClusterHost: launches carry the prompt hint to placement."""
+
+    def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest, context,
+                on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RunningInferlet:
+        return self.host.launch(component, list(request.arguments), on_message=on_message, on_end=on_end,
+                                prompt_hint=request.prompt_hint)
+
+    def _capacity(self) -> dict:
+        return self.host.directory.capacity()
+
+
+class HostActor:
+    def __init__(self, directory_name: str = DIRECTORY_NAME, limits: Limits = Limits(),
+                 max_running: int = DEFAULT_MAX_RUNNING, address: str | None = None):
+        """`address`: where to serve (default: the node's address, for a gateway on another node)."""
+        import ray
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.host = ClusterHost(DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE)), limits)
+        service = HostService(self.host, ProgramStore(), max_running)
+        self.server = serve_service(service, port=0, address=address or ray.util.get_node_ip_address())
+
+    def address(self) -> tuple[str, str]:
+        """(host id, target of its client API)."""
+        return self.host.host_id, self.server.target
+
+    def running(self) -> int:
+        return self.host.running
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

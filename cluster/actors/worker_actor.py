@@ -1,0 +1,74 @@
+"""A GPU worker as a Ray actor: one executor and its KV pages, serving handler calls to every host.
+
+The actor loads the model (on a short-lived thread, see workers/load_thread.py), wraps it in a
+LocalWorker (the batcher and the page registry) and serves it over the handler-call service on
+its node's address. It joins the directory under its worker id with that address, and reports
+its free pages every LOAD_REPORT_S for placement. Ray restarts it when it dies: the new process
+loads the model again and joins again, empty, at a new address; hosts that lost the old one
+have marked it dead meanwhile, so nothing is placed on it until it is back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, DirectoryHandle
+from cluster.batcher import BatchPolicy
+from cluster.local_worker import LocalWorker
+from cluster.worker_service import WorkerServer, describe
+
+LOAD_REPORT_S = 1.0
+
+log = logging.getLogger("pie.worker")
+
+
+class WorkerActor:
+    def __init__(self, worker_id: str, directory_name: str = DIRECTORY_NAME, model: str | None = None,
+                 dtype: str = "bf16", num_pages: int | None = None, torch_threads: int | None = None,
+                 policy: BatchPolicy = BatchPolicy(), device: str = "cpu", address: str | None = None):
+        """`address`: where to serve handler calls (default: the node's address, for other nodes' hosts)."""
+        import ray
+        import torch
+
+        from workers.load_thread import load_on_thread
+        from workers.torch_executor import TorchExecutor
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        options = {"dtype": dtype, "device": device, **({"num_pages": num_pages} if num_pages else {})}
+        executor = load_on_thread(lambda: TorchExecutor.load(model, **options))
+        self.worker_id = worker_id
+        self.worker = LocalWorker(executor, policy)
+        self.server = WorkerServer(self.worker, address=address or ray.util.get_node_ip_address())
+        self.directory = DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE))
+        self.directory.join(worker_id, self.server.target, executor.info.num_pages, describe(self.worker))
+        log.info("worker %s serves %s (%d KV pages) at %s", worker_id, executor.info.name, executor.info.num_pages,
+                 self.server.target)
+        threading.Thread(target=self._report_load, name="report-load", daemon=True).start()
+
+    def _report_load(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(LOAD_REPORT_S):
+            try:
+                self.directory.report_load(self.worker_id, self.worker.num_free_pages)
+            except Exception as e:  # the directory restarted or marked us dead: the next join fixes it
+                log.debug("load report failed: %r", e)
+
+    def target(self) -> str:
+        return self.server.target
+
+    def free_pages(self) -> int:
+        return self.worker.num_free_pages
+
+    def check_idle(self) -> None:
+        """Raise unless every page is free or accounted for (free + allocated == total)."""
+        self.worker.check_idle()
+
+    def steps(self) -> list[int]:
+        """Passes in each batched step so far."""
+        return [s.num_passes for s in self.worker.batcher.steps]
+
+    def pid(self) -> int:
+        return os.getpid()

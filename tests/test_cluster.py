@@ -1,0 +1,209 @@
+"""Cluster mode on a real local Ray cluster: two CPU workers with the real model, two inferlet hosts,
+the directory, and the gateway's client API over loopback gRPC.
+
+One cluster serves the whole module (starting it costs ~15 s: Ray, then two model loads). The
+fault tests kill actors: they run last in this module, and each waits for Ray to bring the
+killed actor back before it ends, so the next test finds a whole cluster again.
+"""
+import threading
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from cluster.actors.cluster import ClusterSpec, start_cluster  # noqa: E402
+from cluster.cluster_host import ClusterHost  # noqa: E402
+from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
+from cluster.grpc_server import serve_service  # noqa: E402
+from cluster.inferlet_build import build  # noqa: E402
+from helpers import wait_until  # noqa: E402
+
+TEXT = "inferlets/examples/text_completion.py"
+PREFIX = "inferlets/examples/prefix_cache.py"
+NUM_PAGES = 96  # per worker
+SYSTEM = "You are a terse geography tutor. Answer in one sentence."
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    try:
+        spec = ClusterSpec(workers=2, hosts=2, num_pages=NUM_PAGES, torch_threads=1, bind_address="127.0.0.1")
+        c = start_cluster(spec)
+        server = serve_service(c.gateway_service(), port=0)
+        c.target = server.target
+        yield c
+        server.stop(0)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with PieClient(cluster.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def programs(client):
+    return {path: client.upload(build(path)) for path in (TEXT, PREFIX)}
+
+
+@pytest.fixture(scope="module")
+def local_host(cluster):
+    """A ClusterHost in this process (same directory, same workers): launches it can pin to a worker."""
+    with ClusterHost(cluster.directory) as host:
+        yield host
+
+
+def steps(cluster) -> list[int]:
+    return [len(ray.get(w.steps.remote())) for w in cluster.workers]
+
+
+def settled(cluster) -> None:
+    """Every worker has all its pages back (and its books agree), and the directory agrees with itself."""
+    def all_free():
+        free = ray.get([w.free_pages.remote() for w in cluster.workers])
+        return all(f == NUM_PAGES for f in free)
+    wait_until(all_free, 30, "every worker's KV pages to come back")
+    ray.get([w.check_idle.remote() for w in cluster.workers])
+    cluster.directory.check_invariants()
+    assert all(w.running == 0 for w in cluster.directory.workers())
+
+
+def collect(stream) -> tuple[str, list[str], object]:
+    """(instance id, messages, final event) of a Launch stream."""
+    instance_id, messages, last = None, [], None
+    for event in stream:
+        if isinstance(event, Started):
+            instance_id = event.instance_id
+        elif isinstance(event, Message):
+            messages.append(event.text)
+        else:
+            last = event
+    return instance_id, messages, last
+
+
+def test_many_inferlets_spread_over_both_workers_and_hosts(cluster, client, programs):
+    before = steps(cluster)
+    prompts = ["What is the capital of France?", "Name a color.", "Count to three.", "Say hello.",
+               "What is 2 + 2?", "Name a fruit."]
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = collect(client.launch(programs[TEXT], ["--prompt", prompts[i], "--max-tokens", "8"]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(isinstance(r[2], Finished) for r in results), [r[2] for r in results]
+    assert "Paris" in "".join(results[0][1])
+    hosts = {r[0].rsplit("-", 1)[0] for r in results}
+    assert len(hosts) == 2, f"every inferlet ran on one host: {hosts}"
+    after = steps(cluster)
+    assert all(a > b for a, b in zip(after, before)), f"a worker ran no step: {before} -> {after}"
+    settled(cluster)
+
+
+def test_health_sums_both_workers(client):
+    health = client.health()
+    assert health.total_pages == 2 * NUM_PAGES and health.model.startswith("SmolLM2")
+
+
+def _answer(host, worker_id: str, *extra) -> tuple[str, str]:
+    outcome = host.run(PREFIX, ["--system", SYSTEM, "--max-tokens", "12", *extra], worker_id=worker_id)
+    assert outcome.ok, outcome.error
+    return outcome.messages[0], "".join(outcome.messages[1:])
+
+
+def test_export_on_one_worker_import_on_the_other_copies_the_pages(cluster, local_host):
+    status0, first = _answer(local_host, "worker-0")
+    assert status0 == "cache miss"
+    [name] = cluster.directory.list_exports("prefix-cache/")
+    assert cluster.directory.lookup(name).worker_id == "worker-0"
+    status1, copied = _answer(local_host, "worker-1")  # the pages come across from worker-0
+    status2, in_place = _answer(local_host, "worker-0")
+    assert (status1, status2) == ("cache hit", "cache hit")
+    assert copied == first == in_place, "the copied KV gives another greedy answer than the original"
+    assert cluster.directory.lookup(name).num_imports == 2
+    assert cluster.directory.copies_in_flight() == []
+    _answer_unexport = local_host.run(PREFIX, ["--system", SYSTEM, "--unexport"], worker_id="worker-1")
+    assert _answer_unexport.ok, _answer_unexport.error  # unexported from another worker than its own
+    assert cluster.directory.list_exports("prefix-cache/") == []
+    settled(cluster)
+
+
+def test_prefix_affinity_places_on_the_worker_holding_the_prefix(cluster, local_host, client, programs):
+    status, _ = _answer(local_host, "worker-1")  # the system prompt's KV now lives on worker-1
+    assert status == "cache miss"
+    tokenizer = local_host.host_for("worker-1").worker.tokenizer
+    hint = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}], False)
+    for _ in range(2):
+        before = steps(cluster)
+        _, messages, last = collect(client.launch(programs[PREFIX], ["--system", SYSTEM, "--max-tokens", "4"],
+                                                  prompt_hint=hint))
+        assert isinstance(last, Finished) and messages[0] == "cache hit"
+        after = steps(cluster)
+        assert after[0] == before[0] and after[1] > before[1], f"not placed on worker-1: {before} -> {after}"
+    assert local_host.run(PREFIX, ["--system", SYSTEM, "--unexport"]).ok
+    settled(cluster)
+
+
+def _long(client, programs):
+    return client.launch(programs[TEXT], ["--prompt", "Tell me a long story.", "--max-tokens", "400",
+                                          "--ignore-eos"])
+
+
+def _first_message(stream):
+    """Iterate to the first message (the inferlet is running on its worker); return the rest."""
+    events = iter(stream)
+    started = next(events)
+    assert isinstance(started, Started)
+    for event in events:
+        if isinstance(event, Message):
+            return started.instance_id, events
+    raise AssertionError("the stream ended before any message")
+
+
+def test_a_killed_worker_fails_its_inferlets_others_finish_and_it_rejoins(cluster, client, programs, local_host):
+    runs = [_long(client, programs) for _ in range(2)]  # least loaded: one on each worker
+    started = [_first_message(r) for r in runs]
+    owners = {cluster.directory.owner(iid).worker_id: (iid, events) for iid, events in started}
+    assert set(owners) == {"worker-0", "worker-1"}
+    ray.kill(cluster.workers[1], no_restart=False)  # Ray restarts it
+    _, events = owners["worker-1"]
+    last = [e for e in events if not isinstance(e, Message)][-1]
+    assert isinstance(last, Failed) and "worker" in last.error, last
+    client.terminate(owners["worker-0"][0])  # the survivor keeps going; stop it to save time
+    assert isinstance([e for e in owners["worker-0"][1] if not isinstance(e, Message)][-1], Failed)
+    wait_until(lambda: all(w.live for w in cluster.directory.workers()), 180, "the restarted worker to rejoin")
+    settled(cluster)
+    assert steps(cluster)[1] == 0  # a new process
+    outcome = local_host.run(TEXT, ["--prompt", "What is the capital of France?", "--max-tokens", "8"],
+                             worker_id="worker-1")  # this host dials the new address
+    assert outcome.ok and "Paris" in "".join(outcome.messages), outcome
+    assert steps(cluster)[1] > 0
+    _, _, last = collect(client.launch(programs[TEXT], ["--prompt", "Hi", "--max-tokens", "4"]))
+    assert isinstance(last, Finished)  # and so do the host actors, wherever the gateway placed it
+
+
+def test_a_killed_host_fails_its_inferlets_and_their_pages_come_back(cluster, client, programs):
+    runs = [_long(client, programs) for _ in range(2)]  # least loaded: one on each host
+    started = [_first_message(r) for r in runs]
+    victim_host = ray.get(cluster.hosts[1].address.remote())[0]
+    [(victim, events)] = [s for s in started if s[0].startswith(f"inferlet-{victim_host}-")]
+    [(survivor, survivor_events)] = [s for s in started if s[0] != victim]
+    ray.kill(cluster.hosts[1], no_restart=False)
+    last = [e for e in events if not isinstance(e, Message)][-1]
+    assert isinstance(last, Failed) and victim_host in last.error and "host" in last.error, last
+    client.terminate(survivor)
+    list(survivor_events)
+    settled(cluster)  # the workers released what the dead host's inferlets held
+    with pytest.raises(RequestFailed):
+        client.send(victim, "anyone there?")  # it has ended
+    results = [collect(client.launch(programs[TEXT], ["--prompt", "Hi", "--max-tokens", "4"])) for _ in range(2)]
+    assert all(isinstance(r[2], Finished) for r in results)  # both hosts take launches again
+    assert {r[0].rsplit("-", 1)[0] for r in results} != {f"inferlet-{victim_host}"}
+    settled(cluster)
