@@ -3,8 +3,10 @@
     pie build SOURCE.py [-o OUT.wasm]        build an inferlet into a component (cached by content)
     pie run PROGRAM [--model M] [-- ARGS...]   run an inferlet on the embedded engine, printing what it sends
     pie serve [--host 127.0.0.1] [--port 50051] [--model M] [--dtype bf16] [--token T] [--max-running N]
+              [--ray [--workers N] [--hosts N] [--ray-address ADDR] [--device cpu|cuda]]
                                              serve the client gRPC API until Ctrl-C or SIGTERM
-                                             (--port 0: any free port; the token may come from PIE_TOKEN)
+                                             (--port 0: any free port; the token may come from PIE_TOKEN);
+                                             --ray: on Ray actors (a local Ray unless --ray-address)
     pie submit --addr HOST:PORT PROGRAM [--token T] [-- ARGS...]
                                              upload PROGRAM (.py, built here, or .wasm) to a server, run it,
                                              print what it sends; exit 0 if it finished, 1 if it failed,
@@ -45,28 +47,64 @@ def _run(opts) -> int:
 
 
 def _serve(opts) -> int:
-    from cluster.grpc_server import DEFAULT_MAX_RUNNING, serve
-    from cluster.inferlet_host import InferletHost
-    from workers.load_thread import load_on_thread
-    from workers.torch_executor import TorchExecutor
+    from cluster.grpc_server import DEFAULT_MAX_RUNNING, serve_service
 
-    executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype))  # see load_thread
+    max_running = opts.max_running or DEFAULT_MAX_RUNNING
+    service, what, close = (_ray_service if opts.ray else _embedded_service)(opts, max_running)
     stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stopping.set())
-    with InferletHost(executor) as host:
+    try:
         try:
-            server = serve(host, opts.port, opts.host, token=opts.token or None,
-                           max_running=opts.max_running or DEFAULT_MAX_RUNNING)
+            server = serve_service(service, opts.port, opts.host, token=opts.token or None)
         except OSError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         auth = "a bearer token" if opts.token else "no authentication"
-        print(f"pie: serving {executor.info.name} on {server.target} ({auth})", flush=True)
+        print(f"pie: serving {what} on {server.target} ({auth})", flush=True)
         stopping.wait()
         print("pie: stopping", flush=True)
         server.stop(grace=2.0)
+    finally:
+        close()
     return 0
+
+
+def _embedded_service(opts, max_running: int):
+    """The embedded engine: one executor in this process."""
+    from cluster.grpc_server import InferletService
+    from cluster.inferlet_host import InferletHost
+    from cluster.program_store import ProgramStore
+    from workers.load_thread import load_on_thread
+    from workers.torch_executor import TorchExecutor
+
+    executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype))  # see load_thread
+    host = InferletHost(executor)
+    return InferletService(host, ProgramStore(), max_running), executor.info.name, host.close
+
+
+def _ray_service(opts, max_running: int):
+    """Cluster mode: a local Ray on loopback (or the Ray cluster at --ray-address), its actors, the gateway."""
+    import ray
+
+    from cluster.actors.cluster import ClusterSpec, start_cluster
+
+    local = opts.ray_address is None
+    if local:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    else:
+        ray.init(address=opts.ray_address)
+    spec = ClusterSpec(workers=opts.workers, hosts=opts.hosts, model=opts.model, dtype=opts.dtype,
+                       device=opts.device, max_running=max_running,
+                       worker_resources={"num_gpus": 1} if opts.device == "cuda" else {},
+                       bind_address="127.0.0.1" if local else None)
+    try:
+        cluster = start_cluster(spec)
+        model = cluster.directory.model()["info"]["name"]
+        return cluster.gateway_service(), f"{model} on {opts.workers} Ray workers, {opts.hosts} hosts", ray.shutdown
+    except BaseException:
+        ray.shutdown()
+        raise
 
 
 def _submit(opts) -> int:
@@ -125,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("program")
     r.add_argument("--model", default=None, help="a .gguf file, a model directory or a hub id (default: SmolLM2)")
     r.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    s = sub.add_parser("serve", help="serve the client gRPC API on the embedded engine")
+    s = sub.add_parser("serve", help="serve the client gRPC API on the embedded engine, or a Ray cluster (--ray)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
     s.add_argument("--model", default=None, help="a .gguf file, a model directory or a hub id (default: SmolLM2)")
@@ -133,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--token", default=os.environ.get("PIE_TOKEN"),
                    help="require `authorization: Bearer TOKEN` on every call (default: $PIE_TOKEN)")
     s.add_argument("--max-running", type=_positive_int, default=None, help="inferlets running at once (default: 224)")
+    s.add_argument("--ray", action="store_true", help="cluster mode: workers, hosts and the directory as Ray actors")
+    s.add_argument("--workers", type=_positive_int, default=2, help="with --ray: worker actors (one per GPU)")
+    s.add_argument("--hosts", type=_positive_int, default=1, help="with --ray: inferlet host actors")
+    s.add_argument("--ray-address", default=None,
+                   help="with --ray: join this Ray cluster (e.g. auto); default: start a local one on loopback")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="with --ray: where workers run the model (cuda: each worker asks Ray for one GPU)")
     m = sub.add_parser("submit", help="run an inferlet on a pie server, printing what it sends")
     m.add_argument("--addr", required=True, help="the server, HOST:PORT")
     m.add_argument("program", help="a .py source (built here, cached) or a .wasm component")

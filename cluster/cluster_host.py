@@ -66,10 +66,7 @@ class ClusterHost:
             owner = self.directory.add_owner(instance_id, self.host_id, worker_id)
 
         def ended(outcome: Outcome) -> None:
-            try:
-                self.directory.owner_ended(instance_id)
-            except Exception as e:  # the directory already dropped it (its worker died): nothing to record
-                log.debug("%s: owner_ended: %r", instance_id, e)
+            self._forget(instance_id)
             if on_end:
                 on_end(outcome)
 
@@ -77,8 +74,15 @@ class ClusterHost:
             host = self.host_for(owner.worker_id)
             return host.launch(component, arguments, limits, on_message, ended, instance_id=instance_id)
         except BaseException:
-            self.directory.owner_ended(instance_id)
+            self._forget(instance_id)
             raise
+
+    def _forget(self, instance_id: str) -> None:
+        """The inferlet ended: the directory drops it (and what it owned there)."""
+        try:
+            self.directory.owner_ended(instance_id)
+        except Exception as e:  # already dropped (its worker died, or its launch failed): nothing to record
+            log.debug("%s: owner_ended: %r", instance_id, e)
 
     def run(self, program, arguments: list[str] = (), **kwargs) -> Outcome:
         return self.launch(program, arguments, **kwargs).wait()

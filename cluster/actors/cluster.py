@@ -63,7 +63,9 @@ class Cluster:
         return [HostLink(lambda h=h: tuple(ray.get(h.address.remote()))) for h in self.hosts]
 
     def gateway_service(self, store: ProgramStore | None = None) -> GatewayService:
-        return GatewayService(self.host_links(), self.directory, store or ProgramStore(), self.spec.max_running)
+        service = GatewayService(self.host_links(), self.directory, store or ProgramStore(), self.spec.max_running)
+        service.cluster = self  # Ray ends actors whose handles are all gone (named or not): the gateway keeps them
+        return service
 
     def wait_for_workers(self, count: int | None = None, timeout_s: float = 600.0) -> None:
         """Block until `count` (default: all) workers are live in the directory, printing progress."""
