@@ -57,7 +57,7 @@ def local_host(cluster):
 
 
 def steps(cluster) -> list[int]:
-    return [len(ray.get(w.steps.remote())) for w in cluster.workers]
+    return [len(ray.get(w.steps.remote())) for w in cluster.workers]  # the batchers keep the last few hundred
 
 
 def settled(cluster) -> None:
@@ -105,6 +105,13 @@ def test_many_inferlets_spread_over_both_workers_and_hosts(cluster, client, prog
     after = steps(cluster)
     assert all(a > b for a, b in zip(after, before)), f"a worker ran no step: {before} -> {after}"
     settled(cluster)
+
+
+def test_bench_cluster_measures_through_the_gateway(cluster):
+    from cluster.bench_cluster import measure
+
+    row = measure(cluster.target, build(TEXT), concurrency=2, tokens=4)
+    assert row["ttft_ms"] > 0 and row["tpot_ms"] > 0
 
 
 def test_health_sums_both_workers(client):

@@ -66,9 +66,13 @@ class WorkerActor:
         """Raise unless every page is free or accounted for (free + allocated == total)."""
         self.worker.check_idle()
 
-    def steps(self) -> list[int]:
-        """Passes in each batched step so far."""
-        return [s.num_passes for s in self.worker.batcher.steps]
+    def steps(self, drain: bool = False) -> list[tuple[int, float]]:
+        """(passes, seconds in the executor) of each recent batched step; `drain` forgets them."""
+        history = self.worker.batcher.steps
+        steps = [(s.num_passes, s.exec_s) for s in list(history)]
+        if drain:
+            history.clear()
+        return steps
 
     def pid(self) -> int:
         return os.getpid()
