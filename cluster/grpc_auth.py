@@ -23,17 +23,22 @@ class BearerTokenAuth(grpc.ServerInterceptor):
             raise ValueError("a bearer token must not be empty")
         self._expected = f"Bearer {token}".encode()
 
+    def refusal(self, metadata) -> str | None:
+        """Why a call with this invocation metadata is refused, or None when its token is right."""
+        supplied = dict(metadata or ()).get(METADATA_KEY)
+        if supplied is None:
+            return ("this server needs a token: send the metadata `authorization: Bearer <token>` "
+                    "(pie submit --token, or the PIE_TOKEN environment variable)")
+        if not hmac.compare_digest(supplied.encode(), self._expected):
+            return "the bearer token is wrong; ask the server's operator for the right one"
+        return None
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None  # an unknown method: UNIMPLEMENTED, as without a token
-        supplied = dict(handler_call_details.invocation_metadata).get(METADATA_KEY)
-        if supplied is None:
-            return _denying(handler, "this server needs a token: send the metadata `authorization: Bearer "
-                                     "<token>` (pie submit --token, or the PIE_TOKEN environment variable)")
-        if not hmac.compare_digest(supplied.encode(), self._expected):
-            return _denying(handler, "the bearer token is wrong; ask the server's operator for the right one")
-        return handler
+        refusal = self.refusal(handler_call_details.invocation_metadata)
+        return handler if refusal is None else _denying(handler, refusal)
 
 
 def _denying(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

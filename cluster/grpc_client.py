@@ -101,9 +101,10 @@ def _event(pb: pie_pb2.Event) -> Event:
 class LaunchStream:
     """The events of one launched inferlet. Iterate it; `cancel()` stops the inferlet."""
 
-    def __init__(self, call, address: str):
+    def __init__(self, call, address: str, terminate=None):
         self._call = call
         self._address = address
+        self._terminate = terminate  # PieClient.terminate
         self._cancelled = False
         self.instance_id: str | None = None  # known once Started has been seen
 
@@ -122,16 +123,27 @@ class LaunchStream:
     def cancelled(self) -> bool:
         return self._cancelled
 
-    def cancel(self) -> None:
+    def cancel(self, terminate: bool = False) -> None:
+        """End the call, which stops the inferlet. `terminate=True` first asks the server to Terminate it
+        (once its instance id is known): Ray Serve's gRPC proxy does not always pass a cancelled stream
+        on to the deployment (deploy/app.py), so a client of a Serve deployment should stop it this way."""
+        if terminate and self.instance_id is not None and self._terminate is not None:
+            try:
+                self._terminate(self.instance_id)
+            except RequestFailed:
+                pass  # it has ended already, or the server is gone: cancelling is all that is left
         self._cancelled = True
         self._call.cancel()
 
 
 class PieClient:
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = UNARY_TIMEOUT_S):
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = UNARY_TIMEOUT_S,
+                 metadata: tuple[tuple[str, str], ...] = ()):
+        """`metadata`: sent with every call besides the token, e.g. (("application", "pie"),) to reach the
+        application of that name behind Ray Serve's gRPC proxy (deploy/app.py)."""
         self.address = address
         self.timeout_s = timeout_s
-        self._metadata = bearer_metadata(token) if token else ()
+        self._metadata = tuple(metadata) + (bearer_metadata(token) if token else ())
         self._channel = grpc.insecure_channel(address)
         self._stub = pie_pb2_grpc.InferletsStub(self._channel)
 
@@ -170,7 +182,7 @@ class PieClient:
         cluster uses to place it beside a cached prefix."""
         request = pie_pb2.LaunchRequest(program_id=program_id, arguments=list(arguments), prompt_hint=prompt_hint)
         call = self._stub.Launch(request, metadata=self._metadata)
-        return LaunchStream(call, self.address)
+        return LaunchStream(call, self.address, self.terminate)
 
     def send(self, instance_id: str, text: str) -> None:
         self._unary("Send", pie_pb2.SendRequest(instance_id=instance_id, text=text))

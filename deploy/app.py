@@ -1,0 +1,227 @@
+"""The cluster's client API as a Ray Serve application with gRPC ingress.
+
+    serve run deploy/config.yaml                   # from the repository root: Ray, Serve, the app
+    serve deploy deploy/config.yaml                # onto a running Ray cluster (`ray up deploy/cluster.yaml`)
+
+Serve's gRPC proxy (port `grpc_options.port` of the config, 9000 by default) serves pie.v1.Inferlets
+(cluster/proto/pie.proto) and routes each call to this application by the call's metadata
+`application: <name>` (the config names it `pie`): `PieClient(addr, metadata=(("application", "pie"),))`.
+
+The deployment's one replica starts the cluster's actors through cluster.actors.cluster.start_cluster
+(or finds them by name: the directory `pie-directory`, workers `pie-worker-<i>`, hosts `pie-host-<i>`,
+namespace `pie`) and answers every call with the same GatewayService that `pie serve --ray` runs. Only
+the calling convention differs, and `ServeGateway` adapts it:
+
+- Serve calls a method with the request (or, for the client-streaming Upload, an async iterator of
+  chunks) and a RayServegRPCContext, which has set_code/set_details but no abort() and no
+  add_callback(). `ServeContext` provides both: abort sets the status and raises, and Serve sends
+  that status and message to the client; callbacks run when the call ends however it ends.
+- A client that cancels Launch (or goes away) reaches the replica as asyncio cancellation of the
+  async generator: Serve cancels the call's task, `await` raises CancelledError, and the callbacks
+  GatewayService registered stop the inferlet, which releases its pages. (A plain generator would
+  never learn of it: Serve runs it on a thread to its end.) Each Launch's blocking generator runs on
+  a thread of its own for the inferlet's life. Serve 2.60's proxy passes the cancellation on only
+  when it finds the proxy awaiting the replica's next event; when it lands while the proxy writes an
+  event to the client, the replica never hears of it (measured: 3 of 12 cancels). Clients stop an
+  inferlet with Terminate as well (PieClient: `stream.cancel(terminate=True)`).
+
+`serve run` from the repository root finds this module; for `serve deploy`, Ray must run with the
+repository on PYTHONPATH on every node (deploy/cluster.yaml does it): the package does not include it.
+
+One replica: uploaded programs (compiled in memory, stored on the replica node's disk) and the table
+of live inferlets (which Send, Terminate and List look up) live in the replica, so a second replica
+would answer NOT_FOUND for what the first one holds. Scale the workers and hosts instead (args).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import grpc
+from ray import serve
+
+from cluster.actors.cluster import ClusterSpec, start_cluster
+from cluster.grpc_auth import BearerTokenAuth
+from cluster.grpc_server import DEFAULT_MAX_RUNNING, UNARY_THREADS
+from cluster.proto import pie_pb2
+
+log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log (logs/serve/replica_*.log)
+
+APP_NAME = "pie"  # the application name clients put in their `application` metadata
+SERVICER = "cluster.proto.pie_pb2_grpc.add_InferletsServicer_to_server"  # grpc_options.grpc_servicer_functions
+UPLOAD_THREADS = 4  # uploads compiled at once (each holds a thread while it reads chunks and compiles)
+
+
+class CallAborted(Exception):
+    """ServeContext.abort: the status is set on Serve's context; Serve sends it with the details."""
+
+
+class ServeContext:
+    """A grpc.ServicerContext face on Serve's RayServegRPCContext, for GatewayService's methods."""
+
+    def __init__(self, serve_context):
+        self._serve = serve_context
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] | None = []  # None once the call has ended
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        self._serve.set_code(code)
+        self._serve.set_details(details)
+        raise CallAborted(f"{code.name}: {details}")
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        """Run `callback` when the call ends; False (and not run) when it has ended already."""
+        with self._lock:
+            if self._callbacks is None:
+                return False
+            self._callbacks.append(callback)
+            return True
+
+    def ended(self) -> None:
+        with self._lock:
+            callbacks, self._callbacks = self._callbacks or [], None
+        for callback in callbacks:
+            callback()
+
+    def invocation_metadata(self):
+        return self._serve.invocation_metadata()
+
+    def __getattr__(self, name: str):  # peer(), set_trailing_metadata(), ...
+        return getattr(self._serve, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class AppArgs:
+    """The application's `args` in the Serve config."""
+    workers: int = 1  # worker actors: one per GPU (device cuda), or CPU workers
+    hosts: int = 1  # inferlet host actors
+    model: str | None = None  # a .gguf file, a model directory or a hub id, on every worker node (default SmolLM2)
+    dtype: str = "bf16"  # bf16 or fp32
+    device: str = "cpu"  # cpu, or cuda: each worker asks Ray for one GPU (num_gpus: 1)
+    num_pages: int | None = None  # KV pages per worker (default: the executor's budget)
+    page_size: int = 16
+    torch_threads: int | None = None  # per CPU worker (default: the node's cores shared among its workers)
+    max_running: int = DEFAULT_MAX_RUNNING  # inferlets running at once, at the gateway and per host
+    # where workers and hosts listen: null = each node's address (multi-node); "127.0.0.1" on one machine.
+    # Their handler-call services have no authentication: keep the nodes on a private network
+    bind_address: str | None = None
+    # callers must send `authorization: Bearer <token>`; null: the replica's PIE_TOKEN if set (give it
+    # through runtime_env.env_vars rather than writing a token into the config), else no authentication
+    token: str | None = None
+
+    def spec(self) -> ClusterSpec:
+        return ClusterSpec(workers=self.workers, hosts=self.hosts, model=self.model, dtype=self.dtype,
+                           device=self.device, num_pages=self.num_pages, page_size=self.page_size,
+                           torch_threads=self.torch_threads, max_running=self.max_running,
+                           worker_resources={"num_gpus": 1} if self.device == "cuda" else {},
+                           bind_address=self.bind_address)
+
+    @classmethod
+    def parse(cls, args: dict | None) -> "AppArgs":
+        """From the config's `args`, refusing what would otherwise be silently ignored or fail later."""
+        args = dict(args or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"deploy/app.py: unknown application args {unknown}; the args are {sorted(known)}")
+        parsed = cls(**args)
+        for name in ("workers", "hosts", "max_running", "page_size"):
+            value = getattr(parsed, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"deploy/app.py: args.{name} must be a positive integer, not {value!r}")
+        if parsed.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"deploy/app.py: args.dtype must be bf16 or fp32, not {parsed.dtype!r}")
+        if parsed.device not in ("cpu", "cuda"):
+            raise ValueError(f"deploy/app.py: args.device must be cpu or cuda, not {parsed.device!r}")
+        return parsed
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 1})
+class ServeGateway:
+    """One replica: the cluster's gateway. Method names are pie.v1.Inferlets' RPC names."""
+
+    def __init__(self, args: AppArgs):
+        self.cluster = start_cluster(args.spec())  # blocks until every worker has loaded the model
+        self.service = self.cluster.gateway_service()
+        token = args.token or os.environ.get("PIE_TOKEN") or None
+        self._auth = BearerTokenAuth(token) if token else None
+        self._upload_pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="pie-upload")
+
+    def _context(self, grpc_context) -> ServeContext:
+        context = ServeContext(grpc_context)
+        refusal = self._auth and self._auth.refusal(grpc_context.invocation_metadata())
+        if refusal:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+        return context
+
+    async def Upload(self, request_stream: AsyncIterator[pie_pb2.UploadChunk], grpc_context) -> pie_pb2.ProgramRef:
+        context = self._context(grpc_context)
+        loop = asyncio.get_running_loop()
+
+        def chunks() -> Iterator[pie_pb2.UploadChunk]:  # on the upload thread, one chunk at a time
+            while True:
+                try:
+                    yield asyncio.run_coroutine_threadsafe(anext(request_stream), loop).result()
+                except StopAsyncIteration:
+                    break
+            if getattr(request_stream, "is_cancelled", lambda: False)():
+                context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the upload before its last chunk")
+
+        return await loop.run_in_executor(self._upload_pool, self.service.Upload, chunks(), context)
+
+    async def Launch(self, request: pie_pb2.LaunchRequest, grpc_context) -> AsyncIterator[pie_pb2.Event]:
+        context = self._context(grpc_context)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:
+                pass  # the replica's loop has closed: it is shutting down
+
+        def pump() -> None:  # the blocking generator, for the inferlet's life
+            try:
+                for event in self.service.Launch(request, context):
+                    put(event)
+                put(end)
+            except BaseException as e:
+                put(e)
+
+        threading.Thread(target=pump, name="pie-launch", daemon=True).start()
+        try:
+            while (item := await events.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        except asyncio.CancelledError:
+            log.info("Launch of %s: the client cancelled the call or went away; stopping its inferlet",
+                     request.program_id[:12])
+            raise
+        finally:  # finished, failed, or cancelled by the client: stop the inferlet if it still runs
+            context.ended()
+
+    def Send(self, request: pie_pb2.SendRequest, grpc_context) -> pie_pb2.Empty:
+        return self.service.Send(request, self._context(grpc_context))
+
+    def Terminate(self, request: pie_pb2.TerminateRequest, grpc_context) -> pie_pb2.Empty:
+        return self.service.Terminate(request, self._context(grpc_context))
+
+    def List(self, request: pie_pb2.Empty, grpc_context) -> pie_pb2.InferletList:
+        return self.service.List(request, self._context(grpc_context))
+
+    def Health(self, request: pie_pb2.Empty, grpc_context) -> pie_pb2.HealthReply:
+        return self.service.Health(request, self._context(grpc_context))
+
+
+def app_builder(args: dict | None = None) -> serve.Application:
+    """The application for `import_path: deploy.app:app_builder` and its `args` (AppArgs' fields)."""
+    parsed = AppArgs.parse(args)
+    # every Launch stream is an ongoing request for its inferlet's life, beside the unary calls
+    return ServeGateway.options(max_ongoing_requests=parsed.max_running + UNARY_THREADS).bind(parsed)

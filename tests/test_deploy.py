@@ -1,0 +1,197 @@
+"""The Ray Serve application (deploy/app.py, deploy/config.yaml) answers a gRPC client.
+
+A local Ray on loopback, Serve started with the config's grpc_options (on free ports), the config's
+application with one CPU worker and few KV pages; the client reaches it through Serve's gRPC proxy
+with the metadata `application: pie`, as any client would. Serve's gRPC proxy listens on every
+interface (it has no host option); the test only dials loopback.
+"""
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from ray import serve  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
+from cluster.inferlet_build import build  # noqa: E402
+from deploy.app import APP_NAME, SERVICER, AppArgs, app_builder  # noqa: E402
+from helpers import wait_until  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "deploy" / "config.yaml"
+TEXT = ROOT / "inferlets" / "examples" / "text_completion.py"
+NUM_PAGES = 64
+TOKEN = "s3cret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_config(path: Path) -> dict:
+    """A Serve config file, checked against Serve's own schema."""
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    return config
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return serve_config(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def program_path():
+    """The text_completion component, built while Serve starts (a fresh cache builds it: seconds)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("path", build(TEXT)), daemon=True)
+    thread.start()
+    yield lambda: (thread.join(300), result["path"])[1]
+
+
+@pytest.fixture(scope="module")
+def gateway(config, program_path):
+    """The Serve application from the config, on free ports; yields (target, application name)."""
+    app = config["applications"][0]
+    # address="local": a Ray of our own even when a `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+             log_to_driver=False)
+    try:
+        grpc_port = free_port()
+        started = time.monotonic()
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                    grpc_options={**config["grpc_options"], "port": grpc_port})
+        args = {**app["args"], "workers": 1, "num_pages": NUM_PAGES, "bind_address": "127.0.0.1"}
+        serve.run(app_builder(args), name=app["name"], route_prefix=app["route_prefix"])
+        print(f"[test_deploy] Serve and the application up in {time.monotonic() - started:.1f} s")
+        yield f"127.0.0.1:{grpc_port}", app["name"]
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    target, name = gateway
+    with PieClient(target, metadata=(("application", name),)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def program(client, program_path) -> str:
+    return client.upload(program_path())
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "config-gpu.yaml"])
+def test_configs_name_the_servicer_builder_and_known_args(name):
+    config = serve_config(CONFIG.parent / name)
+    assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER]
+    (app,) = config["applications"]
+    assert app["import_path"] == "deploy.app:app_builder" and app["name"] == APP_NAME
+    spec = AppArgs.parse(app["args"]).spec()
+    assert spec.worker_resources == ({"num_gpus": 1} if spec.device == "cuda" else {})
+    assert app["deployments"][0]["num_replicas"] == 1
+
+
+def test_bad_args_are_refused_naming_the_arg():
+    with pytest.raises(ValueError, match=r"unknown application args \['worker'\]"):
+        AppArgs.parse({"worker": 2})
+    with pytest.raises(ValueError, match="args.device must be cpu or cuda"):
+        AppArgs.parse({"device": "gpu"})
+    with pytest.raises(ValueError, match="args.workers must be a positive integer"):
+        AppArgs.parse({"workers": 0})
+
+
+def test_cluster_file_is_a_valid_ray_cluster_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((CONFIG.parent / "cluster.yaml").read_text()))
+    validate_config(config)
+    assert "~/pie-cluster" in config["file_mounts"]
+    assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
+    assert any('"torch==2.13.0"' in c for c in config["setup_commands"])
+
+
+def test_serve_answers_a_grpc_client(client, program):
+    started = time.monotonic()
+    events = list(client.launch(program, ["--prompt", "What is the capital of France?", "--max-tokens", "8"]))
+    print(f"[test_deploy] launch to finished through Serve: {time.monotonic() - started:.2f} s")
+    assert isinstance(events[0], Started) and events[0].instance_id
+    assert isinstance(events[-1], Finished), events[-1]
+    assert all(isinstance(e, Message) for e in events[1:-1])
+    assert "Paris" in "".join(e.text for e in events[1:-1])
+    health = client.health()
+    assert health.model.startswith("SmolLM2") and health.total_pages == NUM_PAGES
+
+
+def test_with_one_application_serve_routes_calls_without_metadata(gateway):
+    """So `pie submit --addr HOST:9000` reaches the application while it is the proxy's only one."""
+    with PieClient(gateway[0]) as bare:
+        assert bare.health().total_pages == NUM_PAGES
+
+
+def test_upload_again_is_already_present(client, program_path, program):
+    assert client.upload(program_path()) == program
+
+
+def test_errors_reach_the_client_as_status_codes(client, program):
+    with pytest.raises(RequestFailed) as e:
+        list(client.launch("0" * 64, []))
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and "upload it first" in e.value.details
+    with pytest.raises(RequestFailed) as e:
+        client.send("no-such-inferlet", "hi")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(RequestFailed) as e:
+        client.upload(b"not wasm")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "not WebAssembly" in e.value.details
+
+
+def test_cancelling_a_launch_stops_its_inferlet(client, program):
+    """cancel(terminate=True): Serve's proxy passes a cancelled stream on only when the cancellation
+    finds it waiting for the replica's next event (not while it writes one), so the client also
+    sends Terminate."""
+    stream = client.launch(program, ["--prompt", "Write a long story about a dragon.", "--max-tokens", "400"])
+    events = iter(stream)
+    assert isinstance(next(events), Started)
+    assert isinstance(next(events), Message)
+    stream.cancel(terminate=True)
+    wait_until(lambda: client.health().running == 0, 30, "the cancelled inferlet to stop")
+    wait_until(lambda: client.health().free_pages == NUM_PAGES, 30, "its KV pages to come back")
+    assert client.list() == []
+
+
+def test_a_second_gateway_joins_the_cluster_and_checks_its_token(gateway, config, program):
+    """A second application (another gateway replica) finds the running actors by name; with a token it
+    refuses calls without it; with two applications on the proxy, the `application` metadata is needed."""
+    target, _ = gateway
+    name = "pie-guarded"
+    started = time.monotonic()
+    serve.run(app_builder({**config["applications"][0]["args"], "workers": 1, "num_pages": NUM_PAGES,
+                           "bind_address": "127.0.0.1", "token": TOKEN}), name=name, route_prefix=f"/{name}")
+    print(f"[test_deploy] a second gateway joined in {time.monotonic() - started:.1f} s")
+    try:
+        with PieClient(target, metadata=(("application", name),)) as anonymous:
+            with pytest.raises(RequestFailed) as e:
+                anonymous.health()
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "needs a token" in e.value.details
+        with PieClient(target, token=TOKEN, metadata=(("application", name),)) as guarded:
+            assert guarded.health().total_pages == NUM_PAGES  # the same single worker
+            events = list(guarded.launch(program, ["--prompt", "Say hi.", "--max-tokens", "2"]))
+            assert isinstance(events[-1], Finished), events[-1]  # the program, stored by the first gateway
+        with PieClient(target) as bare:
+            with pytest.raises(RequestFailed) as e:
+                bare.health()
+            assert e.value.code == grpc.StatusCode.NOT_FOUND and "Application metadata not set" in e.value.details
+    finally:
+        serve.delete(name)
