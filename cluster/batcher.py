@@ -7,8 +7,13 @@ step on these machines) and the executor, which is not thread-safe, has one call
 Callers get a Pending back at once. Operations (`call`) run in arrival order before the next
 step; forward passes queue until the policy dispatches them, all in one executor step:
 
-- adaptive (default): dispatch as soon as the executor is idle; while it is busy, passes
-  accumulate and go together in the next step.
+- adaptive (default): dispatch when the executor is idle; while it is busy, passes
+  accumulate and go together in the next step. After a step, an idle executor first gathers
+  the passes of the callers it just answered (`gather_ms`): it waits until as many new passes
+  have arrived as the step completed, for as long as they keep coming no more than gather_ms
+  apart, and never longer than that step took. Without it, the first caller back after a step
+  goes alone and the others queue behind it: many callers settle into groups out of phase,
+  each getting a step every other step. gather_ms=0 dispatches at once.
 - eager: one pass per step, in arrival order (a baseline for measuring batching).
 - k: wait until k passes are queued.  t: wait t ms after the first queued pass.
 - kort: whichever of k and t comes first.
@@ -47,12 +52,18 @@ class BatchPolicy:
     # input tokens per step: on these CPUs a 512-token step takes ~0.45 s (prefill ~1150 tok/s),
     # the most a decode waits behind a long prompt; raise it where steps are cheap (GPUs)
     max_batch_tokens: int = 512
+    # "adaptive": after a step, wait for its callers' next passes while they arrive at most this
+    # far apart (ms; bounded by the step's own time); 0: dispatch as soon as the executor is idle.
+    # On 2 busy CPU cores the inferlets' passes come back ~0.5 ms apart (the scheduler runs one
+    # guest at a time), with pauses of a few ms now and then (GC, preemption): a gap of 10 ms
+    # means the round is over (or a caller has ended or is doing something else).
+    gather_ms: float = 10.0
 
     def __post_init__(self):
         if self.kind not in POLICIES:
             raise ValueError(f"unknown batching policy {self.kind!r}; choose one of {', '.join(POLICIES)}")
-        if self.k < 1 or self.t_ms < 0 or self.max_batch_tokens < 1:
-            raise ValueError("batching policy needs k >= 1, t_ms >= 0 and max_batch_tokens >= 1")
+        if self.k < 1 or self.t_ms < 0 or self.max_batch_tokens < 1 or self.gather_ms < 0:
+            raise ValueError("batching policy needs k >= 1, t_ms >= 0, max_batch_tokens >= 1 and gather_ms >= 0")
 
 
 @dataclass
@@ -92,6 +103,11 @@ class Batcher:
         self._barriers: list[tuple[int, Pending]] = []  # (every pass up to this arrival number, its Pending)
         self._queued_seq = 0  # passes ever queued
         self._closed = False
+        # adaptive gathering after a step: passes it completed, new ones since, and when
+        self._expect = 0  # 0: not gathering
+        self._arrived = 0
+        self._gather_end = 0.0  # perf_counter() past which the gathering stops, however many came
+        self._last_arrival = 0.0
         self._thread = threading.Thread(target=self._loop, name="executor", daemon=True)
         self._thread.start()
 
@@ -101,8 +117,19 @@ class Batcher:
         pending = Pending()
         with self._cond:
             self._check_open()
+            now = time.perf_counter()
             self._queued_seq += 1
-            self._passes.append(_Queued(request, pending, time.perf_counter(), self._queued_seq))
+            self._passes.append(_Queued(request, pending, now, self._queued_seq))
+            if self._expect:
+                if self._gather_over(now):
+                    self._expect = 0
+                else:
+                    self._arrived += 1
+                    self._last_arrival = now
+                    if self._arrived < self._expect and len(self._passes) > 1:
+                        # still gathering, and the executor thread already waits with a deadline
+                        # (set when the first pass came): no need to wake it for this one
+                        return pending
             self._cond.notify()
         return pending
 
@@ -161,17 +188,29 @@ class Batcher:
             for p in reached:
                 p.complete(None)
 
+    def _gather_over(self, now: float) -> bool:
+        """The gathering after the last step is over: its callers are back, or late."""
+        return (self._arrived >= self._expect or now >= self._gather_end
+                or (now - self._last_arrival) * 1e3 >= self.policy.gather_ms)
+
     def _ready(self) -> bool:
         if not self._passes:
             return False
-        if self._closed or self.policy.kind in ("adaptive", "eager"):
+        if self._closed or self.policy.kind == "eager":
             return True
+        if self.policy.kind == "adaptive":
+            if self._expect and self._gather_over(time.perf_counter()):
+                self._expect = 0
+            return not self._expect
         waited_ms = (time.perf_counter() - self._passes[0].queued_at) * 1e3
         enough = len(self._passes) >= self.policy.k
         late = waited_ms >= self.policy.t_ms
         return {"k": enough, "t": late, "kort": enough or late}[self.policy.kind]
 
     def _wait_timeout(self) -> float | None:
+        if self._passes and self._expect:  # adaptive, gathering
+            return max(0.0, min(self._gather_end, self._last_arrival + self.policy.gather_ms / 1e3)
+                       - time.perf_counter())
         if self._passes and self.policy.kind in ("t", "kort"):
             waited = time.perf_counter() - self._passes[0].queued_at
             return max(0.0, self.policy.t_ms / 1e3 - waited)
@@ -237,8 +276,14 @@ class Batcher:
             for q, _ in parts:
                 q.pending.fail(e)
             return
-        exec_s = time.perf_counter() - started
+        ended = time.perf_counter()
+        exec_s = ended - started
         self.steps.append(StepRecord(len(batch), sum(len(r.token_ids) for r in requests), started, exec_s))
+        if self.policy.kind == "adaptive" and self.policy.gather_ms > 0:
+            answered = sum(c is None or q.remaining == 0 for q, c in parts)
+            with self._cond:  # before the callers hear back: their next passes are counted
+                self._expect, self._arrived = answered, 0
+                self._gather_end, self._last_arrival = ended + exec_s, ended
         k = 0
         for (q, c), request in zip(parts, requests):
             n = len(request.samplers)

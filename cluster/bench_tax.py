@@ -12,7 +12,8 @@ after the first); per run: tokens/s over the whole run. Repeats alternate which 
 first; every figure is the median over repeats, a ratio the median of the repeats' ratios. The
 inferlet rows also show where the host's time goes: executor time per step, executor idle time
 between steps, host imports and guest wasm per token. The inferlets run under the default
-batching policy and, with --gather-ms, also under one that waits for all c passes of a round.
+batching policy; with --ungathered also under adaptive without gathering (gather_ms=0), and with
+--gather-ms also under one that waits for all c passes of a round.
 """
 from __future__ import annotations
 
@@ -144,9 +145,12 @@ def print_table(rows: list[dict], tokens: int) -> None:
               f"{r['guest_wasm_ms_per_token']:.3f} ms; same text as the plain loop: {row['same_text']}/{row['concurrency']}")
 
 
-def policies(concurrency: int, gather_ms: float | None) -> dict[str, BatchPolicy]:
-    """The default policy, and with --gather-ms one that waits for all `concurrency` passes."""
+def policies(concurrency: int, gather_ms: float | None, ungathered: bool = False) -> dict[str, BatchPolicy]:
+    """The default policy; with --ungathered also adaptive without gathering (gather_ms=0: a step
+    goes as soon as the executor is idle); with --gather-ms one that waits for all `concurrency` passes."""
     chosen = {"adaptive": BatchPolicy()}
+    if ungathered and concurrency > 1:
+        chosen["adaptive gather_ms=0"] = BatchPolicy(gather_ms=0)
     if gather_ms is not None and concurrency > 1:
         chosen[f"kort k={concurrency} t={gather_ms:g}ms"] = BatchPolicy("kort", k=concurrency, t_ms=gather_ms)
     return chosen
@@ -159,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gather-ms", type=float, default=None,
                     help="also measure the inferlets under a kort policy: a step waits up to this long for all passes")
+    ap.add_argument("--ungathered", action="store_true",
+                    help="also measure adaptive batching without gathering a step's callers (gather_ms=0)")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads for the executor")
     ap.add_argument("--json", default=None)
     opts = ap.parse_args(argv)
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     rows = []
     for c in opts.concurrency:
-        for name, policy in policies(c, opts.gather_ms).items():
+        for name, policy in policies(c, opts.gather_ms, opts.ungathered).items():
             # one host at a time: each has its own executor thread, and two threads running torch slow both
             with InferletHost(executor, policy=policy) as host:
                 host.component(PROGRAM)  # build + compile once (cached)

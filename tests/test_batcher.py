@@ -133,6 +133,49 @@ def test_adaptive_batches_what_queued_while_busy(ex32, chat_ids, make_batcher):
     assert [s.num_passes for s in batcher.steps] == [1, 4]
 
 
+def test_adaptive_gathers_the_passes_of_the_callers_it_just_answered(ex32, chat_ids, make_batcher):
+    """Three callers share a step; their next passes come back a little apart (as inferlets
+    resubmitting one after another on the scheduler thread do): they go together, not the first
+    alone and the others behind it. With gather_ms=0 the first would go at once, alone."""
+    with allocated(ex32, 6) as pool:
+        batcher = make_batcher(ex32, BatchPolicy(gather_ms=200))
+        hold = make_batcher.hold(batcher)
+        first = [batcher.forward(greedy_pass(ex32, chat_ids[:5], pool[i:i + 1])) for i in range(3)]
+        hold.release()
+        for p in first:
+            p.wait(WAIT_S)
+        second = []
+        for i in range(3):
+            time.sleep(0.01)  # 10 ms apart, inside the 200 ms gap (the step itself takes longer)
+            second.append(batcher.forward(greedy_pass(ex32, chat_ids[:5], pool[3 + i:4 + i])))
+        for p in second:
+            p.wait(WAIT_S)
+    assert [s.num_passes for s in batcher.steps] == [3, 3]
+
+
+def test_adaptive_does_not_wait_past_the_gap_for_a_caller_that_does_not_come_back(ex32, chat_ids, make_batcher):
+    """Two callers share a step, only one sends another pass: it waits for the other at most
+    gather_ms (nor longer than the step took), then goes alone; the next lone pass, after the
+    gathering is over, goes at once."""
+    with allocated(ex32, 4) as pool:
+        batcher = make_batcher(ex32, BatchPolicy(gather_ms=150))
+        hold = make_batcher.hold(batcher)
+        first = [batcher.forward(greedy_pass(ex32, chat_ids[:5], pool[i:i + 1])) for i in range(2)]
+        hold.release()
+        for p in first:
+            p.wait(WAIT_S)
+        queued = time.perf_counter()
+        batcher.forward(greedy_pass(ex32, chat_ids[:5], pool[2:3])).wait(WAIT_S)
+        pair, alone = batcher.steps[0], batcher.steps[1]
+        waited = alone.started - queued
+        assert min(0.15, pair.exec_s) * 0.9 <= waited < 5, waited  # it waited, but not for ever
+        time.sleep(0.2)  # past the gathering after that step
+        queued = time.perf_counter()
+        batcher.forward(greedy_pass(ex32, chat_ids[:5], pool[3:4])).wait(WAIT_S)
+    assert [s.num_passes for s in batcher.steps] == [2, 1, 1]
+    assert batcher.steps[2].started - queued < 0.1  # nothing to gather: at once
+
+
 def test_eager_policy_runs_one_pass_per_step(ex32, chat_ids, make_batcher):
     ps = ex32.info.page_size
     sizes = [3, 20, 7, 1]
@@ -407,7 +450,7 @@ def test_flush_waits_for_passes_the_policy_holds_back(ex32, chat_ids, make_batch
 
 
 @pytest.mark.parametrize("policy", [
-    dict(kind="fifo"), dict(kind=""), dict(k=0), dict(t_ms=-1.0), dict(max_batch_tokens=0),
+    dict(kind="fifo"), dict(kind=""), dict(k=0), dict(t_ms=-1.0), dict(max_batch_tokens=0), dict(gather_ms=-1.0),
 ])
 def test_bad_policy_raises_value_error(policy):
     with pytest.raises(ValueError):
