@@ -96,7 +96,7 @@ def clustered(dtype: str, workers: int):
 
     from cluster.actors.cluster import ClusterSpec, start_cluster
 
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     cluster = start_cluster(ClusterSpec(workers=workers, hosts=1, dtype=dtype, bind_address="127.0.0.1"))
     server = serve_service(cluster.gateway_service(), port=0)
     steps = lambda: [s for w in cluster.workers for s in ray.get(w.steps.remote(drain=True))]

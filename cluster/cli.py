@@ -91,7 +91,7 @@ def _ray_service(opts, max_running: int):
 
     local = opts.ray_address is None
     if local:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)  # never a stale cluster
     else:
         ray.init(address=opts.ray_address)
     spec = ClusterSpec(workers=opts.workers, hosts=opts.hosts, model=opts.model, dtype=opts.dtype,

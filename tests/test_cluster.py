@@ -26,7 +26,7 @@ SYSTEM = "You are a terse geography tutor. Answer in one sentence."
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         spec = ClusterSpec(workers=2, hosts=2, num_pages=NUM_PAGES, torch_threads=1, bind_address="127.0.0.1")
         c = start_cluster(spec)
