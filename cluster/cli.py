@@ -7,7 +7,7 @@
                                              serve the client gRPC API until Ctrl-C or SIGTERM
                                              (--port 0: any free port; the token may come from PIE_TOKEN);
                                              --ray: on Ray actors (a local Ray unless --ray-address)
-    pie submit --addr HOST:PORT PROGRAM [--token T] [-- ARGS...]
+    pie submit --addr HOST:PORT PROGRAM [--token T] [--metadata K=V] [--prompt-hint TEXT] [-- ARGS...]
                                              upload PROGRAM (.py, built here, or .wasm) to a server, run it,
                                              print what it sends; exit 0 if it finished, 1 if it failed,
                                              2 if it could not be submitted
@@ -119,9 +119,9 @@ def _submit(opts) -> int:
         elif not program.endswith(".wasm"):
             print(f"error: {program}: expected a .py source or a .wasm component", file=sys.stderr)
             return 2
-        with PieClient(opts.addr, token=opts.token or None) as client:
+        with PieClient(opts.addr, token=opts.token or None, metadata=opts.metadata) as client:
             program_id = client.upload(program)
-            stream = client.launch(program_id, opts.args)
+            stream = client.launch(program_id, opts.args, prompt_hint=opts.prompt_hint)
             try:
                 for event in stream:
                     if isinstance(event, Message):
@@ -135,7 +135,7 @@ def _submit(opts) -> int:
                         print(f"error: the inferlet failed: {event.error}", file=sys.stderr)
                         return 1
             except KeyboardInterrupt:
-                stream.cancel()  # the server stops the inferlet
+                stream.cancel(terminate=True)  # Terminate first: a Ray Serve proxy may not pass a cancel on
                 print("\npie: interrupted; the inferlet was stopped", file=sys.stderr)
                 return 130
     except (RequestFailed, OSError) as e:
@@ -144,6 +144,13 @@ def _submit(opts) -> int:
     print(f"error: the server at {opts.addr} ended the stream without saying how the inferlet ended",
           file=sys.stderr)
     return 2
+
+
+def _metadata(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key.strip().lower(), value
 
 
 def _positive_int(text: str) -> int:
@@ -182,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--addr", required=True, help="the server, HOST:PORT")
     m.add_argument("program", help="a .py source (built here, cached) or a .wasm component")
     m.add_argument("--token", default=os.environ.get("PIE_TOKEN"), help="the server's token (default: $PIE_TOKEN)")
+    m.add_argument("--metadata", type=_metadata, action="append", default=[], metavar="KEY=VALUE",
+                   help="gRPC metadata for every call, e.g. application=pie for a Ray Serve proxy serving several apps")
+    m.add_argument("--prompt-hint", default="",
+                   help="text the inferlet's context starts with: a cluster places it beside a cached prefix")
     argv = sys.argv[1:] if argv is None else list(argv)
     # everything after the first "--" belongs to the inferlet
     split = argv.index("--") if "--" in argv else len(argv)

@@ -27,7 +27,8 @@ def test_pie_serve_ray_answers_pie_submit(tmp_path):
             pytest.fail(f"pie serve --ray printed no address; its stderr:\n{log.read_text()[-3000:]}")
         assert "1 Ray workers" in line
         submit = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", "--addr", match.group(1),
-                                 "inferlets/examples/text_completion.py", "--", "--prompt",
+                                 "inferlets/examples/text_completion.py", "--metadata", "application=pie",
+                                 "--prompt-hint", "<|im_start|>user", "--", "--prompt",
                                  "What is the capital of France?", "--max-tokens", "8"],
                                 capture_output=True, text=True, timeout=300)
         assert submit.returncode == 0, submit.stderr
