@@ -94,9 +94,9 @@ def clustered(dtype: str, workers: int):
     """`pie serve --ray`'s stack on a local Ray; returns (target, stop, steps)."""
     import ray
 
-    from cluster.actors.cluster import ClusterSpec, start_cluster
+    from cluster.actors.cluster import ClusterSpec, init_local_ray, start_cluster
 
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    init_local_ray(log_to_driver=False)
     cluster = start_cluster(ClusterSpec(workers=workers, hosts=1, dtype=dtype, bind_address="127.0.0.1"))
     server = serve_service(cluster.gateway_service(), port=0)
     steps = lambda: [s for w in cluster.workers for s in ray.get(w.steps.remote(drain=True))]

@@ -87,11 +87,11 @@ def _ray_service(opts, max_running: int):
     """Cluster mode: a local Ray on loopback (or the Ray cluster at --ray-address), its actors, the gateway."""
     import ray
 
-    from cluster.actors.cluster import ClusterSpec, start_cluster
+    from cluster.actors.cluster import ClusterSpec, init_local_ray, start_cluster
 
     local = opts.ray_address is None
     if local:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)  # never a stale cluster
+        init_local_ray()
     else:
         ray.init(address=opts.ray_address)
     spec = ClusterSpec(workers=opts.workers, hosts=opts.hosts, model=opts.model, dtype=opts.dtype,

@@ -11,7 +11,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from cluster.actors.cluster import ClusterSpec, start_cluster  # noqa: E402
+from cluster.actors.cluster import ClusterSpec, init_local_ray, start_cluster  # noqa: E402
 from cluster.cluster_host import ClusterHost  # noqa: E402
 from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
 from cluster.grpc_server import serve_service  # noqa: E402
@@ -26,7 +26,7 @@ SYSTEM = "You are a terse geography tutor. Answer in one sentence."
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, log_to_driver=False)
     try:
         spec = ClusterSpec(workers=2, hosts=2, num_pages=NUM_PAGES, torch_threads=1, bind_address="127.0.0.1")
         c = start_cluster(spec)

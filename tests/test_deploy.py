@@ -19,6 +19,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
+from cluster.actors.cluster import init_local_ray  # noqa: E402
 from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
 from cluster.inferlet_build import build  # noqa: E402
 from deploy.app import APP_NAME, SERVICER, AppArgs, app_builder  # noqa: E402
@@ -62,9 +63,7 @@ def program_path():
 def gateway(config, program_path):
     """The Serve application from the config, on free ports; yields (target, application name)."""
     app = config["applications"][0]
-    # address="local": a Ray of our own even when a `ray start` cluster runs on this machine
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-             log_to_driver=False)
+    init_local_ray(num_cpus=2, log_to_driver=False)  # a Ray of our own even when a `ray start` cluster runs here
     try:
         grpc_port = free_port()
         started = time.monotonic()

@@ -80,6 +80,17 @@ class Cluster:
             time.sleep(1.0)
 
 
+def init_local_ray(**options) -> None:
+    """Start a Ray of our own on loopback (never one a stale /tmp/ray/ray_current_cluster points at),
+    with its workers at normal priority: Ray runs them at nice 15 by default, and a niced executor
+    loses every core it shares with the gateway or Ray's own daemons (1.1-1.2x the time per token
+    here, see docs/benchmarks.md). Set RAY_worker_niceness=0 likewise for `ray start` on a cluster."""
+    import ray
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(**{"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False, **options})
+
+
 def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Cluster:
     """Create the actors (or reuse those of the same names) in the current Ray session."""
     import ray
@@ -90,9 +101,12 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     directory = ray.remote(Directory).options(
         name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
     ).remote(spec.page_size)
+    # Ray starts actors with OMP_NUM_THREADS=1 (num_cpus of the actor) and at nice 15; torch.set_num_threads
+    # alone leaves threads that read the environment at one, and a niced executor loses every core it shares
+    threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     workers = [ray.remote(WorkerActor).options(
         name=WORKER_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
-        num_cpus=0, max_concurrency=8, **spec.worker_resources,
+        num_cpus=0, max_concurrency=8, runtime_env={"env_vars": threads_env}, **spec.worker_resources,
     ).remote(f"worker-{i}", DIRECTORY_NAME, spec.model, spec.dtype, spec.num_pages, threads, spec.policy, spec.device,
               spec.bind_address)
         for i in range(spec.workers)]

@@ -47,6 +47,10 @@ class WorkerActor:
         log.info("worker %s serves %s (%d KV pages) at %s", worker_id, executor.info.name, executor.info.num_pages,
                  self.server.target)
         threading.Thread(target=self._report_load, name="report-load", daemon=True).start()
+        niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        if niceness > 0:
+            log.warning("worker %s runs at nice %d (Ray's default for workers): its executor yields every core it "
+                        "shares; start Ray with RAY_worker_niceness=0 in its environment", worker_id, niceness)
 
     def _report_load(self) -> None:
         stop = threading.Event()
