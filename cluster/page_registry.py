@@ -158,6 +158,14 @@ class PageRegistry:
                 released += self._end_export(name)
         self._give_back(released)
 
+    def drop_exports(self) -> list[str]:
+        """End every export (the names' directory forgot them); returns their names."""
+        with self._lock:
+            names = list(self._exports)
+            released = [p for name in names for p in self._end_export(name)]
+        self._give_back(released)
+        return names
+
     def num_held(self, holder: str) -> int:
         with self._lock:
             return len(self._held.get(holder, ()))

@@ -214,3 +214,18 @@ def test_a_killed_host_fails_its_inferlets_and_their_pages_come_back(cluster, cl
     assert all(isinstance(r[2], Finished) for r in results)  # both hosts take launches again
     assert {r[0].rsplit("-", 1)[0] for r in results} != {f"inferlet-{victim_host}"}
     settled(cluster)
+
+
+def test_a_restarted_directory_gets_its_workers_back(cluster, client, programs):
+    ray.kill(cluster.directory_actor, no_restart=False)  # Ray restarts it, empty
+
+    def live_workers() -> int:
+        try:
+            return sum(w.live for w in cluster.directory.workers())
+        except ray.exceptions.RayError:  # still restarting
+            return 0
+    wait_until(lambda: live_workers() == 2, 60, "both workers to join the restarted directory")
+    _, messages, last = collect(client.launch(programs[TEXT], ["--prompt", "What is the capital of France?",
+                                                               "--max-tokens", "8"]))
+    assert isinstance(last, Finished) and "Paris" in "".join(messages)
+    settled(cluster)

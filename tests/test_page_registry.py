@@ -281,3 +281,22 @@ def test_check_idle(reg, ex32):
         reg.check_idle()
     reg.unexport("a", "x")
     reg.check_idle()
+
+
+def test_drop_exports_ends_every_export_and_importers_keep_their_pages(reg, ex32):
+    free = ex32.num_free_pages
+    kept = reg.allocate("a", 2, quota=8)
+    shared = reg.allocate("a", 1, quota=8)
+    reg.export("a", "persistent", kept, "", persistent=True)
+    reg.export("a", "owned", shared, "", persistent=False)
+    reg.free("a", kept)  # only the persistent export holds these now
+    imported, _ = reg.import_("b", "owned")
+    assert sorted(reg.drop_exports()) == ["owned", "persistent"]
+    assert reg.list_exports() == []
+    assert ex32.num_free_pages == free - 1  # the persistent pages came back; "b" still holds the other
+    with pytest.raises(PageRefused, match="nothing is exported"):
+        reg.import_("c", "persistent")
+    reg.drop_holder("a")
+    reg.drop_holder("b")
+    assert ex32.num_free_pages == free
+    reg.check_idle()

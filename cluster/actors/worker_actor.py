@@ -3,7 +3,8 @@
 The actor loads the model (on a short-lived thread, see workers/load_thread.py), wraps it in a
 LocalWorker (the batcher and the page registry) and serves it over the handler-call service on
 its node's address. It joins the directory under its worker id with that address, and reports
-its free pages every LOAD_REPORT_S for placement. Ray restarts it when it dies: the new process
+its free pages every LOAD_REPORT_S for placement; a directory that Ray restarted (empty) does not know
+it, and it joins again (ending its exports, whose names are gone). Ray restarts it when it dies: the new process
 loads the model again and joins again, empty, at a new address; hosts that lost the old one
 have marked it dead meanwhile, so nothing is placed on it until it is back.
 """
@@ -15,6 +16,7 @@ import threading
 
 from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, DirectoryHandle
 from cluster.batcher import BatchPolicy
+from cluster.kv_directory import UnknownWorker
 from cluster.local_worker import LocalWorker
 from cluster.worker_service import WorkerServer, describe
 
@@ -43,7 +45,7 @@ class WorkerActor:
         self.worker = LocalWorker(executor, policy)
         self.server = WorkerServer(self.worker, address=address or ray.util.get_node_ip_address())
         self.directory = DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE))
-        self.directory.join(worker_id, self.server.target, executor.info.num_pages, describe(self.worker))
+        self._join()
         log.info("worker %s serves %s (%d KV pages) at %s", worker_id, executor.info.name, executor.info.num_pages,
                  self.server.target)
         threading.Thread(target=self._report_load, name="report-load", daemon=True).start()
@@ -52,12 +54,21 @@ class WorkerActor:
             log.warning("worker %s runs at nice %d (Ray's default for workers): its executor yields every core it "
                         "shares; start Ray with RAY_worker_niceness=0 in its environment", worker_id, niceness)
 
+    def _join(self) -> None:
+        info = self.worker.info
+        self.directory.join(self.worker_id, self.server.target, info.num_pages, describe(self.worker))
+
     def _report_load(self) -> None:
         stop = threading.Event()
         while not stop.wait(LOAD_REPORT_S):
             try:
                 self.directory.report_load(self.worker_id, self.worker.num_free_pages)
-            except Exception as e:  # the directory restarted or marked us dead: the next join fixes it
+            except UnknownWorker:  # Ray restarted the directory, empty: join it again, without the old names
+                dropped = self.worker.pages.drop_exports()
+                log.warning("the directory restarted: worker %s joins again and ends its %d exports, whose names "
+                            "it no longer knows", self.worker_id, len(dropped))
+                self._join()
+            except Exception as e:  # the directory is restarting, or a host marked us dead: the next round retries
                 log.debug("load report failed: %r", e)
 
     def target(self) -> str:
