@@ -30,6 +30,7 @@ from cluster.sandbox import Sandbox
 log = logging.getLogger("pie.gateway")
 
 _HOST_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+ANSWER_TIMEOUT_S = 2.0  # a host that fails a call is taken for dead only if it does not answer a List in this
 
 
 class HostLink:
@@ -57,6 +58,14 @@ class HostLink:
         if program_id not in self._uploaded:
             client.upload(path, sha256=program_id)
             self._uploaded.add(program_id)
+
+    def answers(self) -> bool:
+        """Whether the host answers a List within ANSWER_TIMEOUT_S."""
+        client = self.client
+        try:
+            return client is not None and client.list(timeout_s=ANSWER_TIMEOUT_S) is not None
+        except RequestFailed:
+            return False
 
     def lost(self, host_id: str) -> bool:
         """The host `host_id` stopped answering: dial again next time. True for the first report."""
@@ -178,6 +187,9 @@ class GatewayService(InferletService):
             on_end(outcome)
 
     def _host_lost(self, link: HostLink, host_id: str, error: RequestFailed) -> None:
+        if link.answers():
+            log.warning("inferlet host %s at %s failed a call but answers: %s", host_id, link.target, error)
+            return  # the host lives (the failure was something else): its inferlets stay its own
         if not link.lost(host_id):
             return  # already reported
         log.warning("inferlet host %s at %s is gone: %s", host_id, link.target, error)

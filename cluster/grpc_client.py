@@ -190,8 +190,8 @@ class PieClient:
     def terminate(self, instance_id: str) -> None:
         self._unary("Terminate", pie_pb2.TerminateRequest(instance_id=instance_id))
 
-    def list(self) -> list[InferletInfo]:
-        reply = self._unary("List", pie_pb2.Empty())
+    def list(self, timeout_s: float | None = None) -> list[InferletInfo]:
+        reply = self._unary("List", pie_pb2.Empty(), timeout_s)
         return [InferletInfo(i.instance_id, i.program_id, i.seconds_running) for i in reply.inferlets]
 
     def health(self) -> Health:

@@ -26,7 +26,7 @@ from cluster.errors import (HostBusy, InferletError, InvalidComponentError, Prog
                             UnknownProgram)
 from cluster.grpc_auth import BearerTokenAuth
 from cluster.inferlet_host import InferletHost, Outcome, RunningInferlet
-from cluster.kv_directory import NoLiveWorker
+from cluster.kv_directory import DirectoryUnavailable, NoLiveWorker
 from cluster.program_store import ProgramStore
 from cluster.proto import pie_pb2, pie_pb2_grpc
 from cluster.remote_worker import WorkerUnavailable
@@ -52,6 +52,7 @@ _STATUS_OF = (
     (InferletEnded, grpc.StatusCode.FAILED_PRECONDITION),
     (Refused, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a message too large, an inbox full
     (NoLiveWorker, grpc.StatusCode.UNAVAILABLE),  # cluster mode: every worker is down or still loading
+    (DirectoryUnavailable, grpc.StatusCode.UNAVAILABLE),
     (WorkerUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
 

@@ -81,6 +81,10 @@ class OwnerExists(DirectoryError):
     """An inferlet with this instance id is already running."""
 
 
+class DirectoryUnavailable(DirectoryError):
+    """The directory cannot be reached (its actor is down or restarting)."""
+
+
 class DirectoryInvariantBroken(DirectoryError):
     """The directory's own bookkeeping disagrees with itself: a bug, never a user error."""
 

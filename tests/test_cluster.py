@@ -16,6 +16,7 @@ from cluster.cluster_host import ClusterHost  # noqa: E402
 from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
 from cluster.grpc_server import serve_service  # noqa: E402
 from cluster.inferlet_build import build  # noqa: E402
+from cluster.kv_directory import DirectoryUnavailable, UnknownOwner  # noqa: E402
 from helpers import wait_until  # noqa: E402
 
 TEXT = "inferlets/examples/text_completion.py"
@@ -54,6 +55,14 @@ def local_host(cluster):
     """A ClusterHost in this process (same directory, same workers): launches it can pin to a worker."""
     with ClusterHost(cluster.directory) as host:
         yield host
+
+
+def answers(method):
+    """What an actor method returns, or None while the actor is down or restarting."""
+    try:
+        return ray.get(method.remote(), timeout=10)
+    except (ray.exceptions.RayError, TimeoutError):
+        return None
 
 
 def steps(cluster) -> list[int]:
@@ -179,13 +188,15 @@ def test_a_killed_worker_fails_its_inferlets_others_finish_and_it_rejoins(cluste
     started = [_first_message(r) for r in runs]
     owners = {cluster.directory.owner(iid).worker_id: (iid, events) for iid, events in started}
     assert set(owners) == {"worker-0", "worker-1"}
+    old_pid = ray.get(cluster.workers[1].pid.remote())
     ray.kill(cluster.workers[1], no_restart=False)  # Ray restarts it
     _, events = owners["worker-1"]
     last = [e for e in events if not isinstance(e, Message)][-1]
     assert isinstance(last, Failed) and "worker" in last.error, last
     client.terminate(owners["worker-0"][0])  # the survivor keeps going; stop it to save time
     assert isinstance([e for e in owners["worker-0"][1] if not isinstance(e, Message)][-1], Failed)
-    wait_until(lambda: all(w.live for w in cluster.directory.workers()), 180, "the restarted worker to rejoin")
+    wait_until(lambda: answers(cluster.workers[1].pid) not in (None, old_pid)
+               and all(w.live for w in cluster.directory.workers()), 180, "the restarted worker to rejoin")
     settled(cluster)
     assert steps(cluster)[1] == 0  # a new process
     outcome = local_host.run(TEXT, ["--prompt", "What is the capital of France?", "--max-tokens", "8"],
@@ -217,14 +228,20 @@ def test_a_killed_host_fails_its_inferlets_and_their_pages_come_back(cluster, cl
 
 
 def test_a_restarted_directory_gets_its_workers_back(cluster, client, programs):
+    cluster.directory.add_owner("marker", "nobody", "worker-0")  # gone once the directory restarted
     ray.kill(cluster.directory_actor, no_restart=False)  # Ray restarts it, empty
 
-    def live_workers() -> int:
+    def rejoined() -> bool:
         try:
-            return sum(w.live for w in cluster.directory.workers())
-        except ray.exceptions.RayError:  # still restarting
-            return 0
-    wait_until(lambda: live_workers() == 2, 60, "both workers to join the restarted directory")
+            cluster.directory.owner("marker")
+            return False  # the old directory still answers (ray.kill is asynchronous)
+        except UnknownOwner:
+            pass  # the new one answers, and every later call goes to it
+        except DirectoryUnavailable:
+            return False
+        workers = answers(cluster.directory_actor.workers)
+        return workers is not None and sum(w.live for w in workers) == 2
+    wait_until(rejoined, 60, "both workers to join the restarted directory")
     _, messages, last = collect(client.launch(programs[TEXT], ["--prompt", "What is the capital of France?",
                                                                "--max-tokens", "8"]))
     assert isinstance(last, Finished) and "Paris" in "".join(messages)

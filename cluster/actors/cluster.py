@@ -100,6 +100,7 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     threads = spec.torch_threads or max(1, (os.cpu_count() or 1) // max(1, spec.workers))
     directory = ray.remote(Directory).options(
         name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
+        max_task_retries=-1,  # a call made while it restarts waits for it instead of failing
     ).remote(spec.page_size)
     # Ray starts actors with OMP_NUM_THREADS=1 (num_cpus of the actor) and at nice 15; torch.set_num_threads
     # alone leaves threads that read the environment at one, and a niced executor loses every core it shares

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 
 from cluster.errors import InferletError
-from cluster.kv_directory import KvDirectory, NoLiveWorker, Reclaimed
+from cluster.kv_directory import DirectoryUnavailable, KvDirectory, NoLiveWorker, Reclaimed
 
 DIRECTORY_NAME = "pie-directory"
 NAMESPACE = "pie"  # the Ray namespace of every cluster-mode actor
@@ -71,7 +71,8 @@ class Directory(KvDirectory):
 
 class DirectoryHandle:
     """Blocking calls to the directory actor: `handle.place(tokens)` instead of ray.get(...remote()).
-    An error the directory raises arrives as its own class."""
+    An error the directory raises arrives as its own class; an actor that cannot answer (down, or
+    restarting beyond Ray's retries) as DirectoryUnavailable."""
 
     def __init__(self, actor):
         self._actor = actor
@@ -86,4 +87,7 @@ class DirectoryHandle:
                 return ray.get(remote(*args, **kwargs))
             except ray.exceptions.RayTaskError as e:
                 raise e.cause if isinstance(e.cause, Exception) else e
+            except ray.exceptions.RayError as e:
+                raise DirectoryUnavailable(f"the KV-page directory did not answer {method}: {e}; it may be "
+                                           f"restarting, retry shortly") from e
         return call
