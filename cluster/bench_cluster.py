@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.grpc_client import Message, PieClient
+from cluster.grpc_client import Failed, Message, PieClient
 from cluster.grpc_server import serve_service
 from cluster.inferlet_build import build
 
@@ -48,7 +48,7 @@ def measure(target: str, program: Path, concurrency: int, tokens: int) -> dict:
                                                     str(tokens), "--ignore-eos"]):
                 if isinstance(event, Message):
                     times[i].append(time.perf_counter())
-                elif type(event).__name__ == "Failed":
+                elif isinstance(event, Failed):
                     errors.append(event.error)
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrency)]

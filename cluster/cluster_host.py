@@ -12,6 +12,7 @@ Ray restarted it and it joined again) dials its new address.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
@@ -22,7 +23,7 @@ from wasmtime import component as wc
 
 from cluster.cluster_worker import ClusterWorker
 from cluster.http_client import HttpPolicy
-from cluster.inferlet_host import InferletHost, Outcome, RunningInferlet
+from cluster.inferlet_host import InferletHost, Outcome, RunningInferlet, load_component
 from cluster.messaging import BusLimits
 from cluster.remote_worker import RemoteWorker
 from cluster.sandbox import Limits, Sandbox
@@ -46,11 +47,11 @@ class ClusterHost:
         self._connections: dict[str, RemoteWorker] = {}  # worker id -> live connection
         self._hosts: dict[str, InferletHost] = {}  # worker id -> the host of the inferlets placed there
         self._tokenizer: Tokenizer | None = None
-        self._ids = iter(range(1, 1 << 62))
+        self._ids = itertools.count(1)
 
     # -- launching -------------------------------------------------------------------------------
     def component(self, program: str | Path | wc.Component) -> wc.Component:
-        return InferletHost.component(self, program)
+        return load_component(self.sandbox, program)
 
     def launch(self, program: str | Path | wc.Component, arguments: list[str] = (), limits: Limits | None = None,
                on_message: Callable[[str], None] | None = None, on_end: Callable[[Outcome], None] | None = None,
@@ -131,13 +132,7 @@ class ClusterHost:
         except Exception as e:  # the directory itself is gone or never knew it: nothing to record
             log.warning("could not report worker %s lost: %r", worker_id, e)
 
-    # -- health and ending -----------------------------------------------------------------------
-    @property
-    def running(self) -> int:
-        with self._lock:
-            hosts = list(self._hosts.values())
-        return sum(h.scheduler.num_running for h in hosts)
-
+    # -- ending ----------------------------------------------------------------------------------
     def close(self) -> None:
         with self._lock:
             hosts, self._hosts = list(self._hosts.values()), {}

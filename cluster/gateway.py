@@ -12,7 +12,6 @@ again once Ray restarted it.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from typing import Callable
 
@@ -80,9 +79,9 @@ class HostLink:
 class RelayedInferlet:
     """A RunningInferlet's face for an inferlet that runs on a host: send, stop, done."""
 
-    def __init__(self, instance_id: str, link: HostLink, client: PieClient, stream):
+    def __init__(self, instance_id: str, client: PieClient, stream):
         self.instance_id = instance_id
-        self._link, self._client, self._stream = link, client, stream
+        self._client, self._stream = client, stream
         self._finished = threading.Event()
 
     @property
@@ -93,7 +92,7 @@ class RelayedInferlet:
         try:
             self._client.send(self.instance_id, message)
         except RequestFailed as e:
-            raise _relayed_error(e) from None
+            raise _RelayedRefusal(e.code, e.details) from None
 
     def stop(self, reason: str = "its client stopped it") -> None:
         if self.done:
@@ -111,10 +110,6 @@ class _RelayedRefusal(InferletError):
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(details)
         self.status_code = code
-
-
-def _relayed_error(e: RequestFailed) -> _RelayedRefusal:
-    return _RelayedRefusal(e.code, e.details)
 
 
 class GatewayService(InferletService):
@@ -157,7 +152,7 @@ class GatewayService(InferletService):
         first = next(events, None)
         if not isinstance(first, Started):  # refused without an error status: should not happen
             raise RequestFailed("Launch", link.target, grpc.StatusCode.INTERNAL, f"the host answered {first!r}")
-        running = RelayedInferlet(first.instance_id, link, client, stream)
+        running = RelayedInferlet(first.instance_id, client, stream)
         threading.Thread(target=self._relay, args=(running, link, host_id, events, on_message, on_end),
                          name=f"relay-{first.instance_id}", daemon=True).start()
         return running

@@ -43,6 +43,18 @@ class Outcome:
         return self.error is None
 
 
+def load_component(sandbox: Sandbox, program: str | Path | wc.Component) -> wc.Component:
+    """`program` compiled by `sandbox`: a .py source (built on demand, cached), a .wasm, or a component."""
+    if isinstance(program, wc.Component):
+        return program
+    path = Path(program)
+    if path.suffix == ".py":
+        path = build(path)
+    elif path.suffix != ".wasm":
+        raise InvalidComponentError(f"{program}: expected a .py source or a .wasm component")
+    return sandbox.load(path)
+
+
 class RunningInferlet:
     def __init__(self, instance_id: str, host: "InferletHost", session: InferletSession, task: Task,
                  outcome: Outcome, finished: threading.Event):
@@ -102,14 +114,7 @@ class InferletHost:
         return self.worker.executor
 
     def component(self, program: str | Path | wc.Component) -> wc.Component:
-        if isinstance(program, wc.Component):
-            return program
-        path = Path(program)
-        if path.suffix == ".py":
-            path = build(path)
-        elif path.suffix != ".wasm":
-            raise InvalidComponentError(f"{program}: expected a .py source or a .wasm component")
-        return self.sandbox.load(path)
+        return load_component(self.sandbox, program)
 
     def launch(self, program: str | Path | wc.Component, arguments: list[str] = (), limits: Limits | None = None,
                on_message: Callable[[str], None] | None = None,
@@ -117,7 +122,7 @@ class InferletHost:
         """Start an inferlet; `instance_id` names it (default: a fresh `inferlet-<host>-<n>`)."""
         component = self.component(program)
         limits = limits or self.limits
-        instance_id = instance_id or self.new_instance_id()
+        instance_id = instance_id or f"inferlet-{self.host_id}-{next(self._ids)}"
         outcome = Outcome(instance_id)
         finished = threading.Event()
 
@@ -136,9 +141,6 @@ class InferletHost:
         task = Task(session, component, limits, ended)
         self.scheduler.start(task)
         return RunningInferlet(instance_id, self, session, task, outcome, finished)
-
-    def new_instance_id(self) -> str:
-        return f"inferlet-{self.host_id}-{next(self._ids)}"
 
     def run(self, program: str | Path | wc.Component, arguments: list[str] = (), **kwargs) -> Outcome:
         return self.launch(program, arguments, **kwargs).wait()

@@ -65,9 +65,6 @@ class Directory(KvDirectory):
         return {"model": model, "free_pages": sum(w.free_pages for w in live),
                 "total_pages": sum(w.num_pages for w in live)}
 
-    def ping(self) -> bool:
-        return True
-
 
 class DirectoryHandle:
     """Blocking calls to the directory actor: `handle.place(tokens)` instead of ray.get(...remote()).

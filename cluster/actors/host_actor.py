@@ -48,9 +48,6 @@ class HostActor:
         """(host id, target of its client API)."""
         return self.host.host_id, self.server.target
 
-    def running(self) -> int:
-        return self.host.running
-
     def pid(self) -> int:
         import os
 
