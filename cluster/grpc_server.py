@@ -149,10 +149,12 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
             self._starting += 1
         try:  # outside the lock: a cluster gateway's launch waits for a host
             running = self._launch(component, request, context, events.put, ended)
-        finally:
+        except BaseException:
             with self._lock:
                 self._starting -= 1
-        with self._lock:
+            raise
+        with self._lock:  # one step from starting to live, so no other launch slips past the limit between
+            self._starting -= 1
             if running.instance_id not in self._ended:  # it may have ended already
                 self._live[running.instance_id] = _Live(running, request.program_id, time.monotonic())
         return running
