@@ -1,8 +1,10 @@
 """The wasmtime side of hosting: one engine, compiled components cached, one store per inferlet.
 
-Each store gets its own limits: linear memory and fuel (CPU: wasm instructions); epochs,
-ticked by one background thread, make a computing guest yield its thread to the others (the
-scheduler enforces the wall-clock limit). Each store has an empty WASI context: no
+Each store gets its own limits: linear memory and fuel (CPU: wasm instructions). Fuel also
+makes a computing guest yield its thread to the others every YIELD_FUEL units (the scheduler
+enforces the wall-clock limit at each yield). Fuel rather than epochs: epochs need a thread
+that wakes every few milliseconds whether or not a guest runs, and on a machine whose cores
+are all in a torch step each such wake-up preempts one of the step's threads. Each store has an empty WASI context: no
 preopened directory (so no file can be opened), an empty environment, no arguments, no
 stdio, and no network (wasmtime denies every socket address unless told otherwise). The
 guest's interpreter still gets what it needs to run (clocks, randomness, failing file
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from wasmtime import component as wc
 from cluster.errors import InvalidComponentError
 from cluster.inferlet_build import cache_dir
 
-EPOCH_TICK_S = 0.005  # a computing guest yields the scheduler thread this often
+YIELD_FUEL = 50_000_000  # a computing guest yields the scheduler thread this often (~5 ms of guest Python here)
 MAX_COMPONENT_BYTES = 64 << 20  # a component larger than this is refused before compiling
 
 
@@ -44,18 +45,10 @@ class Sandbox:
     def __init__(self):
         config = wasmtime.Config()
         config.consume_fuel = True
-        config.epoch_interruption = True
         config.max_wasm_stack = 1 << 20
         self.engine = wasmtime.Engine(config)
         self._components: dict[str, wc.Component] = {}
         self._lock = threading.Lock()
-        self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
-        self._ticker.start()
-
-    def _tick(self) -> None:
-        while True:
-            time.sleep(EPOCH_TICK_S)
-            self.engine.increment_epoch()
 
     def new_linker(self) -> wc.Linker:
         linker = wc.Linker(self.engine)

@@ -1,9 +1,9 @@
 """Runs every inferlet of a host on one thread, each in its own store.
 
-An inferlet runs until it waits on an async import (a forward pass, a pull, a sleep) or an
-epoch tick makes it yield; the thread then polls the next ready inferlet. When the Pending
-an inferlet waits on completes (on the executor thread, a timer, another inferlet's push),
-it is queued to run again. So 200 inferlets waiting on one batched step cost one pass over
+An inferlet runs until it waits on an async import (a forward pass, a pull, a sleep) or
+has used YIELD_FUEL more fuel (cluster/sandbox.py) and yields; the thread then polls the
+next ready inferlet. When the Pending an inferlet waits on completes (on the executor
+thread, a timer, another inferlet's push), it is queued to run again. So 200 inferlets waiting on one batched step cost one pass over
 the ready queue, not 200 thread wake-ups.
 
 Limits: fuel traps a guest that computes too much; a timer ends one that lives past its
@@ -22,7 +22,7 @@ import wasmtime
 from wasmtime import component as wc
 
 from cluster import imports, wasm_async
-from cluster.sandbox import Limits, Sandbox
+from cluster.sandbox import YIELD_FUEL, Limits, Sandbox
 from cluster.session import InferletSession
 from cluster.timers import Timers
 
@@ -138,7 +138,7 @@ class Scheduler:
         session = task.session
         try:
             task.store = self.sandbox.new_store(task.limits)
-            wasm_async.yield_every_epoch(task.store)
+            wasm_async.yield_every_fuel(task.store, YIELD_FUEL)
             linker = self.sandbox.new_linker()
             imports.define(linker, session)
             instance = wasm_async.instantiate(linker, task.store, task.component)
@@ -173,7 +173,7 @@ class Scheduler:
         self.poll_seconds += time.perf_counter() - t0
         if not finished:
             waiting_on = task.session.outstanding
-            if waiting_on is None or waiting_on.done:  # it yielded at an epoch, or its result is in
+            if waiting_on is None or waiting_on.done:  # it yielded (fuel), or its result is in
                 self._wake(task)
             return
         try:

@@ -11,10 +11,10 @@ async ones, and this module is the one place that touches them (pinned: wasmtime
 - `instantiate(linker, store, component)`: async instantiation (required once a linker has
   async imports), polled to completion.
 - `AsyncCall(store, func, args)`: an export call in flight. `poll()` runs the guest until it
-  waits on an import, yields (epoch) or finishes; `result()` converts its return value or
+  waits on an import, yields (fuel) or finishes; `result()` converts its return value or
   raises the trap; `cancel()` drops it (the store must not be used afterwards).
-- `yield_every_epoch(store)`: a guest that computes without calling the host gives the
-  thread back at every epoch tick instead of holding it.
+- `yield_every_fuel(store, interval)`: a guest that computes without calling the host gives
+  the thread back each `interval` units of fuel instead of holding it.
 
 Value conversion reuses wasmtime-py's component types (see cluster/wasm_lists.py for the
 bulk list conversion it adds).
@@ -40,10 +40,6 @@ from cluster.pending import Pending
 wasm_lists.install()
 wasm_type_cache.install()
 
-# the epoch-yield setter is declared with the wrong return type in wasmtime-py 50
-ffi.dll.wasmtime_context_epoch_deadline_async_yield_and_update.restype = None
-ffi.dll.wasmtime_context_epoch_deadline_async_yield_and_update.argtypes = [POINTER(ffi.wasmtime_context_t),
-                                                                           ctypes.c_uint64]
 
 
 class CallStats:
@@ -172,10 +168,11 @@ def instantiate(linker: Linker, store: wasmtime.Store, component: Component) -> 
     return Instance._from_raw(raw)
 
 
-def yield_every_epoch(store: wasmtime.Store, ticks: int = 1) -> None:
-    """A running guest gives its thread back each `ticks` epochs (instead of trapping)."""
-    store.set_epoch_deadline(ticks)
-    ffi.dll.wasmtime_context_epoch_deadline_async_yield_and_update(store._context(), ticks)
+def yield_every_fuel(store: wasmtime.Store, interval: int) -> None:
+    """A running guest gives its thread back each time it has used `interval` more fuel."""
+    error = ffi.wasmtime_context_fuel_async_yield_interval(store._context(), interval)
+    if error:
+        raise wasmtime.WasmtimeError._from_ptr(error)
 
 
 class AsyncCall:
