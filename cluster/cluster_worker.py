@@ -58,6 +58,12 @@ class ClusterWorker:
     def forward(self, holder: str, request: ForwardRequest) -> Pending:
         return self.remote.forward(holder, request)
 
+    def hold(self) -> None:
+        self.remote.hold()
+
+    def flush(self) -> None:
+        self.remote.flush()
+
     def release(self, holder: str) -> None:
         self.remote.release(holder)
 

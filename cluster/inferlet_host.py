@@ -101,7 +101,7 @@ class InferletHost:
             worker=self.worker,
             bus=MessageBus(bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes), timers),
             http=HttpClient(http_policy), timers=timers)
-        self.scheduler = Scheduler(self.sandbox, timers)
+        self.scheduler = Scheduler(self.sandbox, timers, hold=self.worker.hold, flush=self.worker.flush)
         # instance ids are unique across hosts: a worker serves many, and pages belong to instances
         self.host_id = secrets.token_hex(4)
         self._ids = itertools.count(1)

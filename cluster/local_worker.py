@@ -121,6 +121,12 @@ class LocalWorker:
         result.on_done(lambda _: self.pages.unpin(held))
         return result
 
+    def hold(self) -> None:
+        """A RemoteWorker holds a round's passes to send them together; here each is queued at once."""
+
+    def flush(self) -> None:
+        """Nothing held here (see hold)."""
+
     # -- ending ----------------------------------------------------------------------------------
     def release(self, holder: str) -> None:
         """The inferlet ended: give back its pages and its non-persistent exports."""

@@ -3,14 +3,18 @@
 An InferletHost given a RemoteWorker runs its inferlets exactly as on a LocalWorker: the
 same imports call the same methods, which travel as msgpack Calls over one gRPC stream
 (cluster/worker_service.py). Page calls wait for their reply (a loopback round trip, well
-under a millisecond); a forward pass returns a Pending at once. If the connection drops,
-every outstanding and later call fails with WorkerUnavailable, naming the worker.
+under a millisecond); a forward pass returns a Pending at once. While a thread holds the
+connection (`hold()`, the scheduler during a round of polls), its forward passes wait and go
+out together at `flush()`: one gRPC message for a round's passes instead of one each, with one
+wake-up of the sending thread, where the worker's batcher waits for them all anyway. If the
+connection drops, every outstanding and later call fails with WorkerUnavailable, naming the worker.
 """
 from __future__ import annotations
 
 import itertools
 import queue
 import threading
+import time
 from typing import Callable
 
 import grpc
@@ -23,6 +27,9 @@ from cluster.proto import worker_pb2, worker_pb2_grpc
 from workers.executor import ModelInfo
 from workers.step_types import ForwardRequest
 from workers.tokenizer import Tokenizer, TokenizerSpec
+
+MAX_HOLD_S = 0.010  # a held pass goes out with the next one held after this long, not only at flush()
+
 
 class WorkerUnavailable(InferletError):
     """The worker this inferlet runs on cannot be reached (it died or was stopped)."""
@@ -42,6 +49,9 @@ class RemoteWorker:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._broken: str | None = None
+        self._holder: int | None = None  # the thread whose passes wait for flush()
+        self._held: list[bytes] = []
+        self._held_since = 0.0  # perf_counter() of the oldest held pass
         stream = worker_pb2_grpc.WorkerStub(self._channel).Calls(self._frames())
         threading.Thread(target=self._read, args=(stream,), name="worker-replies", daemon=True).start()
         described = self.wait(self._call("describe", ""))
@@ -95,6 +105,15 @@ class RemoteWorker:
         except WorkerUnavailable:
             pass  # the worker is gone, and with it everything the inferlet held there
 
+    def hold(self) -> None:
+        """Until flush(), forward passes made on this thread wait, then go out together."""
+        self._holder = threading.get_ident()
+
+    def flush(self) -> None:
+        """Send the passes held since hold(), and stop holding."""
+        self._holder = None
+        self._send_held()
+
     @property
     def broken(self) -> str | None:
         """Why the connection is lost, or None while it stands."""
@@ -115,8 +134,24 @@ class RemoteWorker:
                 return pending
             call_id = next(self._ids)
             self._calls[call_id] = pending
-        self._outbox.put(encode_call(Call(call_id, method, holder, args)))
+        message = encode_call(Call(call_id, method, holder, args))
+        if self._holder == threading.get_ident():
+            if method == "forward":
+                now = time.perf_counter()
+                if not self._held:
+                    self._held_since = now
+                self._held.append(message)
+                if now - self._held_since >= MAX_HOLD_S:
+                    self._send_held()  # a long round: let the worker start on what it has
+                return pending
+            self._send_held()  # calls reach the worker in the order they were made
+        self._outbox.put(message)
         return pending
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, []  # only the holding thread touches _held
+        for message in held:
+            self._outbox.put(message)
 
     def _sync(self, method: str, holder: str, *args):
         return self.wait(self._call(method, holder, *args))

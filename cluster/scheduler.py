@@ -63,9 +63,13 @@ class Task:
 
 
 class Scheduler:
-    def __init__(self, sandbox: Sandbox, timers: Timers):
+    def __init__(self, sandbox: Sandbox, timers: Timers, hold: Callable[[], None] = lambda: None,
+                 flush: Callable[[], None] = lambda: None):
+        """`hold()` and `flush()` run on the scheduler thread around each round of polls (a remote
+        worker sends the round's passes together at flush)."""
         self.sandbox = sandbox
         self.timers = timers
+        self._hold, self._flush = hold, flush
         self._cond = threading.Condition()
         self._ready: collections.deque[Task] = collections.deque()
         self._queued: set[int] = set()
@@ -130,8 +134,15 @@ class Scheduler:
                         self._end(command[1], f"inferlet {command[1].session.instance_id} stopped: {command[2]}")
                 except Exception:  # never let one task's failure stop the thread
                     log.exception("scheduler command %s failed", command[0])
-            for task in ready:
-                self._poll(task)
+            self._hold()
+            try:
+                for task in ready:
+                    self._poll(task)
+            finally:
+                try:
+                    self._flush()
+                except Exception:
+                    log.exception("flushing the round's calls failed")
 
     def _begin(self, task: Task) -> None:
         self._running.add(task)

@@ -6,6 +6,7 @@ and leaves the host running. All on the session's fp32 executor and real wasmtim
 One LocalWorker (one batcher thread) exists on the executor at a time: each test makes its own.
 """
 import contextlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,9 @@ from cluster.local_worker import LocalWorker
 from cluster.page_registry import PageRefused
 from cluster.remote_worker import RemoteWorker, WorkerUnavailable
 from cluster.worker_service import WorkerServer
-from helpers import wait_until
+from helpers import make_request, wait_until
 from workers.errors import InvalidRequestError
-from workers.step_types import ForwardRequest
+from workers.step_types import ForwardRequest, Sampler
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_COMPLETION = ROOT / "inferlets" / "examples" / "text_completion.py"
@@ -137,6 +138,39 @@ def test_the_workers_errors_arrive_as_their_own_classes(ex32):
             with pytest.raises(InvalidRequestError):
                 remote.forward("inferlet-a", bad).wait(WAIT_S)
             remote.release("inferlet-a")
+        finally:
+            remote.close()
+        worker.check_idle()
+
+
+def test_held_passes_wait_for_flush_and_keep_their_order(ex32):
+    """While a thread holds the connection its passes wait (the scheduler sends a round's passes in
+    one frame); a page call from that thread sends them first, so the worker sees calls in order;
+    another thread's passes are not held."""
+    with served(ex32) as (worker, server):
+        remote = RemoteWorker(server.target)
+        try:
+            [page] = remote.allocate("inferlet-a", 1, 4)
+            [other] = remote.allocate("inferlet-b", 1, 4)
+            pass_on = lambda p: make_request([1, 2, 3], [p], ex32.info.page_size, outputs=[2],
+                                             samplers=[Sampler()])
+            remote.hold()
+            held = remote.forward("inferlet-a", pass_on(page))
+            elsewhere = []
+            thread = threading.Thread(target=lambda: elsewhere.append(remote.forward("inferlet-b", pass_on(other))))
+            thread.start()
+            thread.join()
+            elsewhere[0].wait(WAIT_S)  # sent at once from the other thread, answered
+            assert not held.done  # still here: the worker never saw it
+            remote.flush()
+            assert held.wait(WAIT_S)[0].token is not None
+            remote.hold()
+            second = remote.forward("inferlet-a", pass_on(page))
+            remote.free("inferlet-a", [page])  # sends the pass first: freed after the worker pinned it
+            assert second.wait(WAIT_S)[0].token is not None  # had the free gone first: PageRefused
+            remote.flush()
+            remote.release("inferlet-a")
+            remote.release("inferlet-b")
         finally:
             remote.close()
         worker.check_idle()
