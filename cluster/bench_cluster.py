@@ -1,6 +1,6 @@
 """Cluster mode versus embedded mode: time per output token at the same load, in one run.
 
-    python -m cluster.bench_cluster [--concurrency 1 8] [--tokens 48] [--repeats 2] [--workers 1] [--json OUT]
+    python -m cluster.bench_cluster [--concurrency 1 8] [--tokens 48] [--repeats 3] [--workers 1] [--json OUT]
 
 Both sides serve the client API over loopback gRPC and are measured by the same client: c
 text_completion inferlets (--ignore-eos, so each makes exactly --tokens tokens) launched
@@ -10,7 +10,9 @@ actor and --workers worker actors, each pass crossing two process boundaries (ga
 over gRPC for events, host -> worker over the handler-call stream). With --workers 1 both sides
 have the same compute (one executor, the machine's cores); more workers split the cores here.
 Per request: TTFT and TPOT (decode time per token after the first); every figure is the median
-over requests, then over repeats; the ratio row divides cluster by embedded.
+over requests, then over repeats. Each repeat starts and measures both modes, one after the other
+(embedded first in odd repeats, cluster first in even ones), so a machine that slows down or speeds
+up during the run weighs on both; a ratio is the median over repeats of cluster / embedded.
 """
 from __future__ import annotations
 
@@ -107,36 +109,47 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cluster.bench_cluster", description=__doc__.split("\n")[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--json", default=None, help="also write the results here")
     opts = ap.parse_args(argv)
     program = build(PROGRAM)
-    results: dict = {"cores": os.cpu_count(), "tokens": opts.tokens, "workers": opts.workers, "rows": {}}
-    for mode, start in (("embedded", lambda: embedded(opts.dtype)),
-                        ("cluster", lambda: clustered(opts.dtype, opts.workers))):
-        print(f"[bench] starting {mode} mode ...", file=sys.stderr, flush=True)
-        target, stop, steps = start()
-        try:
-            measure(target, program, 1, 4)  # warm: compile the component, first steps
-            for c in opts.concurrency:
-                runs = []
-                for r in range(opts.repeats):
-                    print(f"[bench] {mode} c={c} repeat {r + 1}/{opts.repeats}", file=sys.stderr, flush=True)
+    results: dict = {"cores": os.cpu_count(), "tokens": opts.tokens, "workers": opts.workers, "rows": {},
+                     "repeats": []}
+    starts = {"embedded": lambda: embedded(opts.dtype), "cluster": lambda: clustered(opts.dtype, opts.workers)}
+    runs: dict[str, list[dict]] = {}
+    for r in range(opts.repeats):  # each repeat runs both modes, first one then the other, alternating
+        order = ("embedded", "cluster") if r % 2 == 0 else ("cluster", "embedded")
+        repeat: dict = {}
+        for mode in order:
+            print(f"[bench] repeat {r + 1}/{opts.repeats}: starting {mode} mode ...", file=sys.stderr, flush=True)
+            target, stop, steps = starts[mode]()
+            try:
+                measure(target, program, 1, 4)  # warm: compile the component, first steps
+                for c in opts.concurrency:
                     steps()
-                    runs.append(measure(target, program, c, opts.tokens) | step_stats(steps()))
-                results["rows"][f"{mode} c={c}"] = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
-        finally:
-            stop()
+                    repeat[f"{mode} c={c}"] = measure(target, program, c, opts.tokens) | step_stats(steps())
+            finally:
+                stop()
+        for c in opts.concurrency:
+            repeat[f"ratio c={c}"] = {key: repeat[f"cluster c={c}"][key] / repeat[f"embedded c={c}"][key]
+                                      for key in ("ttft_ms", "tpot_ms")}
+        results["repeats"].append(repeat)
+        for name, row in repeat.items():
+            runs.setdefault(name, []).append(row)
+    for name, rows in runs.items():  # medians over repeats; a ratio is the median of the paired ratios
+        results["rows"][name] = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
     print(f"{'':>22} {'TTFT ms':>9} {'TPOT ms':>9} {'passes/step':>12} {'step ms':>9}")
     for name, row in results["rows"].items():
-        print(f"{name:>22} {row['ttft_ms']:9.1f} {row['tpot_ms']:9.2f} {row['passes_per_step']:12.2f} "
-              f"{row['exec_ms']:9.2f}")
+        if not name.startswith("ratio"):
+            print(f"{name:>22} {row['ttft_ms']:9.1f} {row['tpot_ms']:9.2f} {row['passes_per_step']:12.2f} "
+                  f"{row['exec_ms']:9.2f}")
     for c in opts.concurrency:
-        e, k = results["rows"][f"embedded c={c}"], results["rows"][f"cluster c={c}"]
-        results["rows"][f"ratio c={c}"] = ratio = {key: k[key] / e[key] for key in ("ttft_ms", "tpot_ms")}
-        print(f"{'cluster/embedded c=' + str(c):>22} {ratio['ttft_ms']:8.3f}x {ratio['tpot_ms']:8.3f}x")
+        ratio = results["rows"][f"ratio c={c}"]
+        paired = ", ".join(f"{x['tpot_ms']:.3f}" for x in runs[f"ratio c={c}"])
+        print(f"{'cluster/embedded c=' + str(c):>22} {ratio['ttft_ms']:8.3f}x {ratio['tpot_ms']:8.3f}x"
+              f"   (TPOT, each repeat: {paired})")
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
