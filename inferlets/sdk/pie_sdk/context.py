@@ -12,6 +12,7 @@ import json
 
 from wit_world.imports import forward, kv, model
 
+from pie_sdk.detokenize import IncrementalText
 from pie_sdk.runtime import model_info, unwrap
 from pie_sdk.samplers import distribution, greedy
 
@@ -195,7 +196,8 @@ class Context:
         """Yield text as it is generated, until a stop token, a stop string (not included),
         max_tokens, or the grammar is complete. The last token stays pending."""
         stops = self.stop_tokens if stop_tokens is None else set(stop_tokens)
-        generated, printed = [], 0
+        generated = IncrementalText(lambda tokens: unwrap(model.decode, tokens))
+        printed = 0
         text = ""
         for _ in range(max_tokens):
             token = self.step(sampler, grammar=grammar)
@@ -203,9 +205,8 @@ class Context:
                 grammar.accept(token)
             if token in stops:
                 break
-            generated.append(token)
             self.pending.append(token)
-            text = unwrap(model.decode, generated)
+            text = generated.append(token)
             hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
             if hit >= 0:
                 text = text[:hit]
