@@ -4,12 +4,13 @@ Each store gets its own limits: linear memory and fuel (CPU: wasm instructions).
 makes a computing guest yield its thread to the others every YIELD_FUEL units (the scheduler
 enforces the wall-clock limit at each yield). Fuel rather than epochs: epochs need a thread
 that wakes every few milliseconds whether or not a guest runs, and on a machine whose cores
-are all in a torch step each such wake-up preempts one of the step's threads. Each store has an empty WASI context: no
-preopened directory (so no file can be opened), an empty environment, no arguments, no
-stdio, and no network (wasmtime denies every socket address unless told otherwise). The
-guest's interpreter still gets what it needs to run (clocks, randomness, failing file
-calls that Python turns into exceptions rather than traps). Everything else goes through
-the inferlet world's imports.
+are all in a torch step each such wake-up preempts one of the step's threads.
+
+Each store has an empty WASI context: no preopened directory (so no file can be opened), an
+empty environment, no arguments, no stdio, and no network (wasmtime denies every socket
+address unless told otherwise). The guest's interpreter still gets what it needs to run
+(clocks, randomness, failing file calls that Python turns into exceptions rather than
+traps). Everything else goes through the inferlet world's imports.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 An inferlet runs until it waits on an async import (a forward pass, a pull, a sleep) or
 has used YIELD_FUEL more fuel (cluster/sandbox.py) and yields; the thread then polls the
 next ready inferlet. When the Pending an inferlet waits on completes (on the executor
-thread, a timer, another inferlet's push), it is queued to run again. So 200 inferlets waiting on one batched step cost one pass over
-the ready queue, not 200 thread wake-ups.
+thread, a timer, another inferlet's push), it is queued to run again. So 200 inferlets
+waiting on one batched step cost one pass over the ready queue, not 200 thread wake-ups.
 
 Limits: fuel traps a guest that computes too much; a timer ends one that lives past its
 wall-clock limit (also while it waits); memory is capped per store. However a task ends,
@@ -63,8 +63,7 @@ class Task:
 
 
 class Scheduler:
-    def __init__(self, sandbox: Sandbox, timers: Timers, hold: Callable[[], None] = lambda: None,
-                 flush: Callable[[], None] = lambda: None):
+    def __init__(self, sandbox: Sandbox, timers: Timers, hold: Callable[[], None], flush: Callable[[], None]):
         """`hold()` and `flush()` run on the scheduler thread around each round of polls (a remote
         worker sends the round's passes together at flush)."""
         self.sandbox = sandbox

@@ -41,7 +41,6 @@ wasm_lists.install()
 wasm_type_cache.install()
 
 
-
 class CallStats:
     """Time the polling thread spends inside host imports (for benchmarks; read, then reset)."""
 
