@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from cluster.batcher import Batcher, BatchPolicy
 from cluster.page_registry import PageRegistry, PageRefused
 from cluster.pending import Pending
 from cluster.prefill_chunks import written_pages
 from workers.executor import Executor, ModelInfo
-from workers.step_types import ForwardRequest, pack_batch
-from workers.step_validation import StepLimits, validate_batch
+from workers.step_types import ForwardRequest
+from workers.step_validation import StepLimits, validate_request
 from workers.tokenizer import Tokenizer
 
 log = logging.getLogger("pie.worker")
@@ -112,8 +114,8 @@ class LocalWorker:
 
         Raises InvalidRequestError for a malformed pass and PageRefused for pages the holder
         may not read (or, for the slots it writes, may not write)."""
-        validate_batch(pack_batch([request]), self._step_limits)
-        held = tuple(int(x) for x in request.kv_page_indices)
+        validate_request(request, self._step_limits)
+        held = tuple(np.asarray(request.kv_page_indices).tolist())
         self.pages.require_readable(holder, held)
         self.pages.require_writable(holder, sorted(written_pages(request, self.info.page_size)))
         self.pages.pin(held)

@@ -53,4 +53,4 @@ def chunk(request: ForwardRequest, start: int, end: int, page_size: int) -> Chun
 def written_pages(request: ForwardRequest, page_size: int, from_token: int = 0) -> set[int]:
     """Pages that input tokens [from_token, q_len) of the pass write into."""
     first_slot = kv_len(request, page_size) - len(request.token_ids) + from_token
-    return {int(p) for p in request.kv_page_indices[first_slot // page_size:]}
+    return set(request.kv_page_indices[first_slot // page_size:].tolist())

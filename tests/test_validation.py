@@ -7,6 +7,7 @@ import pytest
 import workers
 from helpers import allocated, logprobs_request, make_request, max_abs_diff, step_logprobs
 from workers import InvalidRequestError, Sampler, pack_batch
+from workers.step_validation import StepLimits, validate_request
 
 
 def good(ex, page):
@@ -190,3 +191,39 @@ def test_kv_operations_on_bad_pages(ex32):
                 call()
     with pytest.raises(workers.PageStateError):
         ex32.free_pages([spare])
+
+
+def step_limits(ex):
+    info = ex.info
+    return StepLimits(info.num_pages, info.page_size, info.vocab_size, info.max_position)
+
+
+# whether a page is allocated is the executor's check (the page registry's, on a worker), not the request's
+ONE_REQUEST_CASES = [case for case in CASES if case != "page not allocated"]
+
+
+@pytest.mark.parametrize("case", ONE_REQUEST_CASES)
+def test_one_request_is_refused_as_in_a_batch(ex32, case):
+    """validate_request (a worker's check of each pass as it arrives) refuses what validate_batch
+    refuses, with the same words, naming the index it is given."""
+    spoil, words = CASES[case]
+    limits = step_limits(ex32)
+    validate_request(good(ex32, 0), limits)
+    with pytest.raises(InvalidRequestError) as e:
+        validate_request(spoil(ex32, good(ex32, 0)), limits, index=3)
+    assert str(e.value).startswith("request 3: "), str(e.value)
+    assert words in str(e.value)
+
+
+def test_one_request_with_malformed_arrays_is_refused(ex32):
+    limits = step_limits(ex32)
+    r = good(ex32, 0)
+    for broken, words in [
+        (with_(r, token_ids=np.array([1.5, 2, 3, 4, 5])), "integers"),
+        (with_(r, kv_page_indices=np.array([[0]])), "integers"),
+        (with_(r, position_ids=np.arange(4)), "position_ids"),
+        (with_(r, output_indices=np.array([4, 5]), samplers=(Sampler(), Sampler())), "outside"),
+        (with_(r, samplers=()), "samplers"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=words):
+            validate_request(broken, limits)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from workers.errors import InvalidRequestError
-from workers.step_types import Sampler, StepBatch
+from workers.step_types import ForwardRequest, Sampler, StepBatch
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,60 @@ def _check_request(batch: StepBatch, limits: StepLimits, i: int, q_len: int, num
             rows = batch.custom_mask[m0:m1].reshape(q_len, kv_len)
             if not rows.any(axis=1).all():
                 raise InvalidRequestError("attention mask leaves an input token with nothing to attend to", i)
+
+
+def validate_request(request: ForwardRequest, limits: StepLimits, index: int | None = None) -> None:
+    """The checks validate_batch makes of one request, on the request itself: a worker checks
+    each pass as it arrives, and packing a one-request batch to check it cost more than the
+    checks (tens of microseconds a pass, on the path of every token). Errors name `index`."""
+    tokens = _int_list(request.token_ids, "token_ids", index)
+    positions = _int_list(request.position_ids, "position_ids", index)
+    pages = _int_list(request.kv_page_indices, "kv_page_indices", index)
+    q_len = len(tokens)
+    if len(positions) != q_len:
+        raise InvalidRequestError(f"position_ids has {len(positions)} entries for {q_len} tokens", index)
+    if q_len == 0:
+        raise InvalidRequestError("has no input tokens", index)
+    if not pages:
+        raise InvalidRequestError("has no KV pages", index)
+    last = int(request.kv_last_page_len)
+    if not 1 <= last <= limits.page_size:
+        raise InvalidRequestError(f"kv_last_page_len {last} is outside [1, page_size={limits.page_size}]", index)
+    kv_len = (len(pages) - 1) * limits.page_size + last
+    if kv_len < q_len:
+        raise InvalidRequestError(f"its pages hold {kv_len} slots, fewer than its {q_len} input tokens", index)
+    if min(pages) < 0 or max(pages) >= limits.num_pages:
+        bad = next(p for p in pages if not 0 <= p < limits.num_pages)
+        raise InvalidRequestError(f"page id {bad} is out of range [0, {limits.num_pages})", index)
+    if len(set(pages)) != len(pages):
+        raise InvalidRequestError("lists the same page twice in its KV sequence", index)
+    if min(tokens) < 0 or max(tokens) >= limits.vocab_size:
+        bad = next(t for t in tokens if not 0 <= t < limits.vocab_size)
+        raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})", index)
+    if min(positions) < 0 or max(positions) >= limits.max_position:
+        bad = next(p for p in positions if not 0 <= p < limits.max_position)
+        raise InvalidRequestError(f"position {bad} is beyond the model's context [0, {limits.max_position})", index)
+    if request.attention_mask is not None:
+        mask = np.asarray(request.attention_mask)
+        if mask.shape != (q_len, kv_len):
+            raise InvalidRequestError(f"attention mask has shape {mask.shape}; it must be q_len x kv_len = "
+                                      f"{q_len} x {kv_len}", index)
+        if not mask.astype(bool).any(axis=1).all():
+            raise InvalidRequestError("attention mask leaves an input token with nothing to attend to", index)
+    outputs = _int_list(request.output_indices, "output_indices", index)
+    if len(outputs) != len(request.samplers):
+        raise InvalidRequestError(f"{len(outputs)} output positions but {len(request.samplers)} samplers", index)
+    for position, sampler in zip(outputs, request.samplers):
+        if not 0 <= position < q_len:
+            raise InvalidRequestError(f"output index {position} is outside the request's {q_len} tokens", index)
+        _check_sampler(sampler, limits, index)
+
+
+def _int_list(values, name: str, index: int | None) -> list[int]:
+    array = np.asarray(values)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise InvalidRequestError(f"{name} must be a flat list of integers, got {array.dtype} {array.shape}", index)
+    return array.tolist()
 
 
 def _check_outputs(batch: StepBatch, limits: StepLimits) -> None:
