@@ -112,8 +112,12 @@ class Batcher:
         self._thread.start()
 
     # -- submitting -----------------------------------------------------------------------------
-    def forward(self, request: ForwardRequest) -> Pending:
-        """Queue a validated pass; the Pending completes with its list of OutputResult."""
+    def forward(self, request: ForwardRequest, wake: bool = True) -> Pending:
+        """Queue a validated pass; the Pending completes with its list of OutputResult.
+
+        wake=False queues it without waking an idle executor thread: the caller has more passes
+        coming and calls wake() after the last (an executor that is busy, or that waits with a
+        deadline, still takes the pass when it next looks)."""
         pending = Pending()
         with self._cond:
             self._check_open()
@@ -130,8 +134,14 @@ class Batcher:
                         # still gathering, and the executor thread already waits with a deadline
                         # (set when the first pass came): no need to wake it for this one
                         return pending
-            self._cond.notify()
+            if wake:
+                self._cond.notify()
         return pending
+
+    def wake(self) -> None:
+        """Wake the executor thread for passes queued with wake=False."""
+        with self._cond:
+            self._cond.notify()
 
     def flush(self) -> Pending:
         """Completes once every operation and pass queued before this call has run."""

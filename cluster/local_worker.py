@@ -13,6 +13,7 @@ waiting: they take effect before any pass submitted after them.
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 
@@ -36,6 +37,7 @@ class LocalWorker:
         self.pages = PageRegistry(executor, max_persistent_pages)
         info = executor.info
         self._step_limits = StepLimits(info.num_pages, info.page_size, info.vocab_size, info.max_position)
+        self._holding = threading.local()  # .on: this thread holds (see hold); .woken: nothing held since
 
     @property
     def info(self) -> ModelInfo:
@@ -119,15 +121,28 @@ class LocalWorker:
         self.pages.require_readable(holder, held)
         self.pages.require_writable(holder, sorted(written_pages(request, self.info.page_size)))
         self.pages.pin(held)
-        result = self.batcher.forward(request)
+        holding = getattr(self._holding, "on", False)
+        result = self.batcher.forward(request, wake=not holding)
+        if holding:
+            self._holding.woken = False
         result.on_done(lambda _: self.pages.unpin(held))
         return result
 
     def hold(self) -> None:
-        """A RemoteWorker holds a round's passes to send them together; here each is queued at once."""
+        """Until flush(), this thread's passes are queued without waking the executor thread.
+
+        The scheduler holds around a round of polls, the worker service around a frame of calls:
+        woken at the first pass, the executor thread would start the step (taking the GIL between
+        torch ops) while the round's guests still run, and a guest's next import then waits for
+        the GIL, up to Python's 5 ms switch interval, in the middle of the step."""
+        self._holding.on, self._holding.woken = True, True
 
     def flush(self) -> None:
-        """Nothing held here (see hold)."""
+        """Wake the executor thread for the passes held since hold()."""
+        self._holding.on = False
+        if not getattr(self._holding, "woken", True):
+            self._holding.woken = True
+            self.batcher.wake()
 
     # -- ending ----------------------------------------------------------------------------------
     def release(self, holder: str) -> None:

@@ -59,8 +59,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def _read(self, incoming, replies: queue.SimpleQueue, holders: set[str]) -> None:
         try:
             for frame in incoming:
-                for message in frame.messages:
-                    self._run(decode_call(message), replies, holders)
+                self.worker.hold()  # one wake-up of the executor thread for the frame's passes
+                try:
+                    for message in frame.messages:
+                        self._run(decode_call(message), replies, holders)
+                finally:
+                    self.worker.flush()
         except Exception as e:  # the stream broke or a frame was garbage: end the connection
             if not isinstance(e, grpc.RpcError):
                 log.exception("handler-call stream failed")

@@ -174,3 +174,41 @@ def test_held_passes_wait_for_flush_and_keep_their_order(ex32):
         finally:
             remote.close()
         worker.check_idle()
+
+
+def test_a_local_workers_held_passes_wait_for_flush_to_wake_the_executor(ex32):
+    """LocalWorker.hold(): the thread's passes queue without waking the idle executor thread, which
+    would otherwise start the step while the round's guests still run (and take the GIL from them);
+    flush() wakes it. Another thread's passes wake it at once."""
+    worker = LocalWorker(ex32, BatchPolicy())
+    try:
+        [page] = worker.allocate("inferlet-a", 1, 4)
+        [other] = worker.allocate("inferlet-b", 1, 4)
+        pass_on = lambda p: make_request([1, 2, 3], [p], ex32.info.page_size, outputs=[2], samplers=[Sampler()])
+        worker.hold()
+        held = worker.forward("inferlet-a", pass_on(page))
+        assert not _done_within(held, 0.5)
+        elsewhere = []
+        thread = threading.Thread(target=lambda: elsewhere.append(worker.forward("inferlet-b", pass_on(other))))
+        thread.start()
+        thread.join()
+        assert elsewhere[0].wait(WAIT_S)[0].token is not None  # woke the executor: both went
+        assert held.wait(WAIT_S)[0].token is not None
+        worker.hold()
+        second = worker.forward("inferlet-a", pass_on(page))
+        assert not _done_within(second, 0.5)
+        worker.flush()
+        assert second.wait(WAIT_S)[0].token is not None
+        worker.release("inferlet-a")
+        worker.release("inferlet-b")
+        worker.check_idle()
+    finally:
+        worker.close()
+
+
+def _done_within(pending, seconds: float) -> bool:
+    try:
+        pending.wait(seconds)
+        return True
+    except TimeoutError:
+        return False
