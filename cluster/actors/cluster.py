@@ -27,6 +27,7 @@ from cluster.program_store import ProgramStore
 
 WORKER_NAME = "pie-worker-{}"
 HOST_NAME = "pie-host-{}"
+START_ATTEMPTS = 3  # starts of a local Ray (see init_local_ray)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,19 @@ def init_local_ray(**options) -> None:
     import ray
 
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(**{"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False, **options})
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(**{"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False, **options})
+            return
+        except RuntimeError as e:
+            # seen here when Ray is started right after another local Ray stopped: its GCS server never
+            # writes its port file (ray._raylet.wait_for_persisted_port times out); a second start works
+            if "gcs_server_port" not in str(e) or attempt == START_ATTEMPTS:
+                raise
+            print(f"[ray] starting a local Ray failed ({e}); trying again ({attempt + 1}/{START_ATTEMPTS})",
+                  file=sys.stderr, flush=True)
+            ray.shutdown()
+            time.sleep(2.0)
 
 
 def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Cluster:
