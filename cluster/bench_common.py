@@ -74,11 +74,13 @@ def reset_counters(host: InferletHost) -> None:
 
 
 def host_counters(host: InferletHost, wall_s: float, full_step_passes: int) -> dict:
-    """What the host did since reset_counters. "Full" steps are those with `full_step_passes`
-    passes (every inferlet of the run in the step: the steady state); the executor's idle time
-    between consecutive full steps is what the host and the guests add per step."""
+    """What the host did since reset_counters. "Full" steps are decode steps of `full_step_passes`
+    passes, one token each (every inferlet of the run in the step: the steady state; a step that
+    also carries a chunk of a prompt is not one, and would weigh on the mean as a ten times longer
+    step); the executor's idle time between consecutive full steps is what the host and the guests
+    add per step."""
     steps = list(host.worker.batcher.steps)
-    full = [s for s in steps if s.num_passes == full_step_passes] or steps
+    full = [s for s in steps if s.num_passes == full_step_passes == s.num_tokens] or steps
     gaps = [b.started - (a.started + a.exec_s) for a, b in zip(full, full[1:])]
     import_s = wasm_async.import_stats.seconds
     return {
