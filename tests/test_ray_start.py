@@ -41,3 +41,9 @@ def test_other_start_failures_are_not_retried(monkeypatch):
     with pytest.raises(RuntimeError, match="twice"):
         cluster_mod.init_local_ray()
     assert len(calls) == 1
+
+
+def test_a_node_startup_timeout_is_retried(monkeypatch):
+    calls = fake_init(monkeypatch, [Exception("The current node timed out during startup. This could happen ...")])
+    cluster_mod.init_local_ray()
+    assert len(calls) == 2

@@ -28,6 +28,7 @@ from cluster.program_store import ProgramStore
 WORKER_NAME = "pie-worker-{}"
 HOST_NAME = "pie-host-{}"
 START_ATTEMPTS = 3  # starts of a local Ray (see init_local_ray)
+START_TIMEOUTS = ("gcs_server_port", "timed out during startup")  # the start failures worth another try
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,11 @@ def init_local_ray(**options) -> None:
         try:
             ray.init(**{"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False, **options})
             return
-        except RuntimeError as e:
+        except Exception as e:
             # seen here when Ray is started right after another local Ray stopped: its GCS server never
-            # writes its port file (ray._raylet.wait_for_persisted_port times out); a second start works
-            if "gcs_server_port" not in str(e) or attempt == START_ATTEMPTS:
+            # writes its port file (ray._raylet.wait_for_persisted_port times out), or the node times out
+            # waiting for its raylet; another start has worked each time
+            if not any(sign in str(e) for sign in START_TIMEOUTS) or attempt == START_ATTEMPTS:
                 raise
             print(f"[ray] starting a local Ray failed ({e}); trying again ({attempt + 1}/{START_ATTEMPTS})",
                   file=sys.stderr, flush=True)
