@@ -33,6 +33,10 @@ _TRAP_CAUSES = {
     "all fuel consumed": "it used up its CPU limit (fuel)",
     "call stack exhausted": "its stack overflowed",
     "out of bounds memory access": "it accessed memory out of bounds",
+    "`unreachable` instruction executed": (
+        "it trapped (wasm `unreachable`: the guest's runtime aborted). A Python guest does this when a value "
+        "it passes to an import does not match the import's WIT type (componentize-py checks the type without "
+        "saying which): check the call against inferlets/wit/inferlet.wit"),
 }
 
 

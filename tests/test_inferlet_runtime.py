@@ -291,6 +291,12 @@ def test_guest_exception_reports_its_traceback(runner, ex32):
     assert "api_probe.py" in outcome.error and "in inner" in outcome.error
 
 
+def test_a_value_of_the_wrong_type_names_the_likely_cause(runner, ex32):
+    outcome, _ = run_probe(runner, "wrong_type")
+    assert not outcome.ok
+    assert "does not match the import's WIT type" in outcome.error and "inferlet.wit" in outcome.error
+
+
 def _run_beside_a_good_one(runner, *bad_args, limits=None):
     """Run a misbehaving probe and a text completion at once; return (bad outcome, good outcome)."""
     bad = runner.launch(PROBE, [str(a) for a in bad_args], limits=limits)

@@ -306,6 +306,11 @@ def mode_raise(args):
     inner()
 
 
+def mode_wrong_type(args):
+    """None where the WIT has a sampler variant: the bindings trap while lowering it."""
+    forward.submit(forward.Pass([1], [0], unwrap(kv.allocate, 1), 1, None, [forward.OutputSpec(0, None, None, None)]))
+
+
 def mode_spin(args):
     while True:
         pass
