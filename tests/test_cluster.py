@@ -11,13 +11,16 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from cluster.actors.cluster import ClusterSpec, init_local_ray, start_cluster  # noqa: E402
+from cluster.actors.cluster import Cluster, ClusterSpec, init_local_ray, start_cluster  # noqa: E402
+from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE  # noqa: E402
+from cluster.actors.worker_actor import WorkerActor  # noqa: E402
 from cluster.cluster_host import ClusterHost  # noqa: E402
 from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
 from cluster.grpc_server import serve_service  # noqa: E402
 from cluster.inferlet_build import build  # noqa: E402
 from cluster.kv_directory import DirectoryUnavailable, UnknownOwner  # noqa: E402
 from helpers import wait_until  # noqa: E402
+from workers.errors import ModelLoadError  # noqa: E402
 
 TEXT = "inferlets/examples/text_completion.py"
 PREFIX = "inferlets/examples/prefix_cache.py"
@@ -165,6 +168,24 @@ def test_prefix_affinity_places_on_the_worker_holding_the_prefix(cluster, local_
         assert after[0] == before[0] and after[1] > before[1], f"not placed on worker-1: {before} -> {after}"
     assert local_host.run(PREFIX, ["--system", SYSTEM, "--unexport"]).ok
     settled(cluster)
+
+
+def test_a_worker_that_cannot_load_its_model_says_why_and_is_not_restarted(cluster):
+    """A ModelLoadError is not a crash: the actor stays up (Ray would restart it forever), does not join,
+    and the cluster's wait for workers ends at once with the worker's reason."""
+    bad = ray.remote(WorkerActor).options(name="pie-worker-bad-model", namespace=NAMESPACE, max_restarts=-1,
+                                          num_cpus=0).remote("worker-bad", DIRECTORY_NAME, "/nonexistent/model.gguf")
+    try:
+        reason = ray.get(bad.load_failure.remote(), timeout=120)
+        assert "/nonexistent/model.gguf" in reason
+        pid = ray.get(bad.pid.remote())
+        waiting = Cluster(cluster.spec, cluster.directory_actor, [bad], cluster.hosts)
+        with pytest.raises(ModelLoadError, match="worker 0 cannot load the model.*nonexistent"):
+            waiting.wait_for_workers(count=len(cluster.workers) + 1, timeout_s=60)
+        assert ray.get(bad.pid.remote()) == pid  # the same process: never restarted
+        assert "worker-bad" not in [w.worker_id for w in cluster.directory.workers()]
+    finally:
+        ray.kill(bad, no_restart=True)
 
 
 def _long(client, programs):

@@ -24,6 +24,7 @@ from cluster.batcher import BatchPolicy
 from cluster.gateway import GatewayService, HostLink
 from cluster.grpc_server import DEFAULT_MAX_RUNNING
 from cluster.program_store import ProgramStore
+from workers.errors import ModelLoadError
 
 WORKER_NAME = "pie-worker-{}"
 HOST_NAME = "pie-host-{}"
@@ -70,10 +71,24 @@ class Cluster:
         return service
 
     def wait_for_workers(self, count: int | None = None, timeout_s: float = 600.0) -> None:
-        """Block until `count` (default: all) workers are live in the directory, printing progress."""
+        """Block until `count` (default: all) workers are live in the directory, printing progress.
+        Raises ModelLoadError as soon as a worker reports that it cannot load the model."""
+        import ray
+
         count = len(self.workers) if count is None else count
         deadline = time.monotonic() + timeout_s
+        failures = [w.load_failure.remote() for w in self.workers]  # answered once each has loaded, or not
         while (live := sum(w.live for w in self.directory.workers())) < count:
+            ready, _ = ray.wait(failures, num_returns=len(failures), timeout=0)
+            for ref in ready:
+                i = failures.index(ref)
+                try:
+                    error = ray.get(ref)
+                except ray.exceptions.RayActorError:  # it died while loading: Ray restarts it, ask again
+                    failures[i] = self.workers[i].load_failure.remote()
+                    continue
+                if error:
+                    raise ModelLoadError(f"worker {i} cannot load the model: {error}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {live} of {count} workers joined within {timeout_s:.0f} s; "
                                    f"see the worker actors' logs (ray logs, or the driver's output)")

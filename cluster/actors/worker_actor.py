@@ -6,7 +6,9 @@ its node's address. It joins the directory under its worker id with that address
 its free pages every LOAD_REPORT_S for placement; a directory that Ray restarted (empty) does not know
 it, and it joins again (ending its exports, whose names are gone). Ray restarts it when it dies: the new process
 loads the model again and joins again, empty, at a new address; hosts that lost the old one
-have marked it dead meanwhile, so nothing is placed on it until it is back.
+have marked it dead meanwhile, so nothing is placed on it until it is back. A model that cannot be
+loaded (ModelLoadError) is not a reason to restart: the actor stays up without joining and
+`load_failure()` says why (start_cluster's wait reports it).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from cluster.batcher import BatchPolicy
 from cluster.kv_directory import UnknownWorker
 from cluster.local_worker import LocalWorker
 from cluster.worker_service import WorkerServer, describe
+from workers.errors import ModelLoadError
 
 LOAD_REPORT_S = 1.0
 
@@ -40,8 +43,16 @@ class WorkerActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         options = {"dtype": dtype, "device": device, **({"num_pages": num_pages} if num_pages else {})}
-        executor = load_on_thread(lambda: TorchExecutor.load(model, **options))
         self.worker_id = worker_id
+        self.load_error: str | None = None
+        try:
+            executor = load_on_thread(lambda: TorchExecutor.load(model, **options))
+        except ModelLoadError as e:
+            # a model that cannot be found or read will not load after a restart either: raising here
+            # would have Ray restart the actor forever. It stays up, serves nothing and says why.
+            self.load_error = str(e)
+            log.error("worker %s cannot load its model: %s", worker_id, e)
+            return
         self.worker = LocalWorker(executor, policy)
         self.server = WorkerServer(self.worker, address=address or ray.util.get_node_ip_address())
         self.directory = DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE))
@@ -70,6 +81,10 @@ class WorkerActor:
                 self._join()
             except Exception as e:  # the directory is restarting, or a host marked us dead: the next round retries
                 log.debug("load report failed: %r", e)
+
+    def load_failure(self) -> str | None:
+        """Why the model could not be loaded (the actor then serves nothing), or None."""
+        return self.load_error
 
     def target(self) -> str:
         return self.server.target
