@@ -8,10 +8,13 @@ another worker its pages are copied across: the source worker takes references f
 copy's lease (so an unexport meanwhile cannot free them), its pages are read in chunks,
 written into pages allocated for the importer here, and the lease ends. The importer owns
 the copy (its quota counts it) and it is released with the importer like any page it holds.
+The copy runs on a background thread (import_later): the importer waits for it, the host's
+scheduler thread and its other inferlets do not.
 """
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from cluster.kv_directory import ImportPlan, tokens_from_sdk_meta
@@ -24,6 +27,7 @@ from workers.tokenizer import Tokenizer
 log = logging.getLogger("pie.cluster")
 
 COPY_CHUNK_PAGES = 8  # pages per read / write call when copying across workers (SmolLM2 fp32: 5.9 MB)
+COPY_THREADS = 4  # copies across workers in flight at once, per worker a host runs inferlets on
 
 
 class ClusterWorker:
@@ -36,6 +40,7 @@ class ClusterWorker:
         self.directory = directory
         self._peer = peer
         self._import_quota = import_quota
+        self._copies = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="kv-copy")
 
     info: ModelInfo = property(lambda self: self.remote.info)
     tokenizer: Tokenizer = property(lambda self: self.remote.tokenizer)
@@ -68,6 +73,7 @@ class ClusterWorker:
         self.remote.release(holder)
 
     def close(self) -> None:
+        self._copies.shutdown(wait=False, cancel_futures=True)
         self.remote.close()
 
     # -- global names ----------------------------------------------------------------------------
@@ -90,13 +96,35 @@ class ClusterWorker:
         return self.directory.list_exports(prefix)
 
     def import_(self, holder: str, name: str) -> tuple[list[int], str]:
+        return self.import_later(holder, name).wait()
+
+    def import_later(self, holder: str, name: str) -> Pending:
+        """import_ without blocking the caller (the host's scheduler thread) through a copy: a name on
+        this worker is shared at once; one on another worker is copied on a background thread, as
+        long as its size takes, while the host's other inferlets run. The Pending completes with
+        (pages, meta) once the copy is done and its lease has ended."""
         plan: ImportPlan = self.directory.import_(holder, name)
         if plan.copy is None:
-            return self.remote.import_(holder, name)
-        try:
-            return self._copy_in(holder, plan), plan.meta
-        finally:
-            self.directory.end_lease(plan.copy.lease_id)
+            return Pending.ready(self.remote.import_(holder, name))
+        done = Pending()
+
+        def copy() -> None:  # completes `done` whatever happens, or the inferlet would wait forever
+            error, pages = None, []
+            try:
+                pages = self._copy_in(holder, plan)
+            except BaseException as e:
+                error = e
+            try:
+                self.directory.end_lease(plan.copy.lease_id)
+            except BaseException as e:
+                error = error or e
+            if error is None:
+                done.complete((pages, plan.meta))
+            else:
+                done.fail(error)
+
+        self._copies.submit(copy)
+        return done
 
     def _copy_in(self, holder: str, plan: ImportPlan) -> list[int]:
         """The export's pages copied from their worker into new pages of `holder` here."""

@@ -6,6 +6,7 @@ fault tests kill actors: they run last in this module, and each waits for Ray to
 killed actor back before it ends, so the next test finds a whole cluster again.
 """
 import threading
+import time
 
 import pytest
 
@@ -19,6 +20,7 @@ from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFai
 from cluster.grpc_server import serve_service  # noqa: E402
 from cluster.inferlet_build import build  # noqa: E402
 from cluster.kv_directory import DirectoryUnavailable, UnknownOwner  # noqa: E402
+from cluster.pending import Pending  # noqa: E402
 from helpers import wait_until  # noqa: E402
 from workers.errors import ModelLoadError  # noqa: E402
 
@@ -152,6 +154,53 @@ def test_export_on_one_worker_import_on_the_other_copies_the_pages(cluster, loca
     assert _answer_unexport.ok, _answer_unexport.error  # unexported from another worker than its own
     assert cluster.directory.list_exports("prefix-cache/") == []
     settled(cluster)
+
+
+def test_a_copy_across_workers_does_not_stall_the_hosts_other_inferlets(cluster, local_host, monkeypatch):
+    """While an import's pages come across from another worker (each read held back 3 s here, a fault
+    injected on purpose), a text completion on the importer's host and worker runs to its end."""
+    status, _ = _answer(local_host, "worker-0")  # exports the prefix on worker-0
+    assert status == "cache miss"
+    local_host.component(TEXT)  # built and compiled before the clock starts
+    source = local_host.connection("worker-0")
+    read = source.read_pages
+
+    def slow_read(holder, pages):
+        late = Pending()
+        read(holder, pages).on_done(lambda r: threading.Timer(
+            3.0, lambda: late.fail(r.error) if r.error else late.complete(r.value)).start())
+        return late
+
+    monkeypatch.setattr(source, "read_pages", slow_read)
+    ended = {}
+    importer = local_host.launch(PREFIX, ["--system", SYSTEM, "--max-tokens", "4"], worker_id="worker-1",
+                                 on_message=lambda m: ended.setdefault("import answered", time.monotonic()))
+    other = local_host.launch(TEXT, ["--max-tokens", "6", "--ignore-eos"], worker_id="worker-1",
+                              on_message=lambda m: ended.__setitem__("other's last text", time.monotonic()))
+    assert other.wait(120).ok and importer.wait(120).ok
+    assert importer.outcome.messages[0] == "cache hit"
+    assert ended["other's last text"] < ended["import answered"], "the other inferlet waited for the copy"
+    monkeypatch.undo()
+    assert local_host.run(PREFIX, ["--system", SYSTEM, "--unexport"], worker_id="worker-0").ok
+    assert cluster.directory.copies_in_flight() == []
+    settled(cluster)
+
+
+def test_an_importer_stopped_mid_copy_leaves_no_pages_behind(cluster, local_host, monkeypatch):
+    """Stopped while its copy is under way (the copy's first call held back 3 s, on purpose): the importer
+    ends at once, and once the copy has ended (its lease went with the importer) every page is back."""
+    _answer(local_host, "worker-0")
+    source = local_host.connection("worker-0")
+    lease_import = source.import_
+    monkeypatch.setattr(source, "import_", lambda *args: (time.sleep(3.0), lease_import(*args))[1])
+    doomed = local_host.launch(PREFIX, ["--system", SYSTEM, "--max-tokens", "4"], worker_id="worker-1")
+    wait_until(lambda: cluster.directory.copies_in_flight(), 30, "the copy to start")
+    doomed.stop("stopped mid-copy")
+    assert not doomed.wait(60).ok
+    wait_until(lambda: not cluster.directory.copies_in_flight(), 30, "the copy to end")
+    monkeypatch.undo()
+    assert local_host.run(PREFIX, ["--system", SYSTEM, "--unexport"], worker_id="worker-0").ok
+    settled(cluster)  # had the late pages stayed with the ended importer, worker-1 would miss them
 
 
 def test_prefix_affinity_places_on_the_worker_holding_the_prefix(cluster, local_host, client, programs):

@@ -1,7 +1,8 @@
 """kv: allocate, free, copy, mask, and sharing pages under names (checked by the worker)."""
 from __future__ import annotations
 
-from cluster.imports._common import raw, sync
+from cluster.imports._common import raw, sync, waiting
+from cluster.pending import Pending
 from cluster.session import InferletSession
 from cluster.wit_values import Refused
 
@@ -14,6 +15,15 @@ def imports(s: InferletSession) -> dict:
             raise Refused(f"the export's description exceeds the message-size limit of {s.limits.max_message_bytes}")
         worker.export(me, name, ids, meta, persistent)
 
+    def import_pages(name: str) -> Pending:
+        later = getattr(worker, "import_later", None)  # a ClusterWorker may copy the pages from another worker
+        if later is None:
+            return Pending.ready(worker.import_(me, name))
+        pending = later(me, name)
+        # a copy that ends after its inferlet did allocated pages to a holder already released: release it again
+        pending.on_done(lambda _: s.ended and worker.release(me))
+        return pending
+
     return {
         "allocate": sync(lambda count: worker.allocate(me, count, s.limits.max_pages)),
         "free": sync(lambda ids: worker.free(me, ids)),
@@ -21,7 +31,7 @@ def imports(s: InferletSession) -> dict:
                      worker.copy(me, src, dst, src_start, dst_start, length)),
         "mask": sync(lambda page, masked: worker.mask(me, page, masked)),
         "export-pages": sync(export),
-        "import-pages": sync(lambda name: worker.import_(me, name)),
+        "import-pages": waiting(s, import_pages),
         "unexport": sync(lambda name: worker.unexport(me, name)),
         "list-exports": raw(lambda prefix: worker.list_exports(prefix)),
     }
