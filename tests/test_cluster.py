@@ -128,6 +128,17 @@ def test_bench_cluster_measures_through_the_gateway(cluster):
     assert row["ttft_ms"] > 0 and row["tpot_ms"] > 0
 
 
+def test_a_guest_trap_in_a_host_actor_fails_that_inferlet_only(cluster, client, programs):
+    """wasmtime reports a trap through signal handlers; the host actor's process (where Ray installed its
+    own crash handlers first) must survive it and serve the next inferlet."""
+    probe = client.upload(build("tests/inferlets/api_probe.py"))
+    _, _, last = collect(client.launch(probe, ["wrong_type"]))
+    assert isinstance(last, Failed) and "does not match the import's WIT type" in last.error
+    _, messages, last = collect(client.launch(programs[TEXT], ["--max-tokens", "4"]))
+    assert isinstance(last, Finished) and messages
+    settled(cluster)
+
+
 def test_health_sums_both_workers(client):
     health = client.health()
     assert health.total_pages == 2 * NUM_PAGES and health.model.startswith("SmolLM2")

@@ -47,3 +47,27 @@ def test_a_node_startup_timeout_is_retried(monkeypatch):
     calls = fake_init(monkeypatch, [Exception("The current node timed out during startup. This could happen ...")])
     cluster_mod.init_local_ray()
     assert len(calls) == 2
+
+
+TRAP_AFTER_RAY = """
+import wasmtime
+from cluster.actors.cluster import init_local_ray
+engine = wasmtime.Engine()  # wasmtime's trap handlers are installed before Ray starts
+store = wasmtime.Store(engine)
+module = wasmtime.Module(engine, '(module (func (export "f") unreachable))')
+init_local_ray(log_to_driver=False)
+try:
+    wasmtime.Instance(store, module, []).exports(store)["f"](store)
+except wasmtime.Trap:
+    print("trapped")
+"""
+
+
+def test_a_guest_trap_after_ray_starts_in_the_process_is_still_an_error():
+    """ray.init installs crash handlers over wasmtime's; init_local_ray puts wasmtime's back, else the
+    trap kills the process with SIGILL (exit code -4)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", TRAP_AFTER_RAY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "trapped" in done.stdout, (done.returncode, done.stderr[-2000:])
