@@ -88,14 +88,12 @@ def _ray_service(opts, max_running: int):
     import ray
 
     from cluster.actors.cluster import ClusterSpec, init_local_ray, start_cluster
-    from cluster.fatal_signals import kept_signal_handlers
 
     local = opts.ray_address is None
     if local:
         init_local_ray()
     else:
-        with kept_signal_handlers():
-            ray.init(address=opts.ray_address)
+        ray.init(address=opts.ray_address)
     spec = ClusterSpec(workers=opts.workers, hosts=opts.hosts, model=opts.model, dtype=opts.dtype,
                        device=opts.device, max_running=max_running,
                        worker_resources={"num_gpus": 1} if opts.device == "cuda" else {},

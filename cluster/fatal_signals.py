@@ -1,39 +1,57 @@
-"""Keep wasmtime's trap handlers when Ray starts in this process.
+"""Keep wasmtime's trap handlers in place, whatever else in the process installs.
 
 wasmtime turns a guest's trap (an `unreachable`, an out-of-bounds access) into an error through
 its handlers for SIGILL, SIGSEGV, SIGBUS and SIGFPE, installed when the process makes its first
-Engine. ray.init installs Ray's crash handlers for the same signals over them, and a guest trap
-after that kills the whole process ("Illegal instruction") instead of ending one inferlet. A
-process that made an Engine before starting Ray (a driver hosting inferlets, a test session)
-starts Ray inside `kept_signal_handlers()`: the handlers that were there before come back; where
-there were none, Ray's stay. (Ray's worker processes start Ray first and make Engines after, so
-wasmtime's handlers come last there and chain to Ray's.)
+Engine. Ray replaces them: ray.init installs its crash handlers over them and ray.shutdown resets
+the signals to their defaults (observed in a test session; Serve does the same). After that a guest
+trap kills the whole process ("Illegal instruction") instead of ending one inferlet.
+
+`capture()` (at import) makes an Engine and records the handlers wasmtime installed;
+`restore()` puts back any of them that something has replaced since, and the scheduler calls it
+before each round of guest code (four sigaction reads when nothing changed). wasmtime's handlers
+pass faults outside wasm on to the handlers that were there before them.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import signal
 import sys
 
+import wasmtime
+
 SIGNALS = (signal.SIGILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE)
 _SIGACTION_BYTES = 256  # glibc's struct sigaction (152 bytes on x86-64 and aarch64), copied whole
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_wasmtime: dict[int, ctypes.Array] = {}  # signal -> wasmtime's sigaction
 
 
-@contextlib.contextmanager
-def kept_signal_handlers():
-    """Put back, on leaving, each of SIGNALS' handlers that was installed on entering (Linux)."""
-    if not sys.platform.startswith("linux"):
-        yield
+def _action(sig: int) -> ctypes.Array:
+    action = ctypes.create_string_buffer(_SIGACTION_BYTES)
+    _libc.sigaction(sig, None, action)
+    return action
+
+
+def _handler(action: ctypes.Array) -> int:
+    return ctypes.cast(action, ctypes.POINTER(ctypes.c_void_p))[0] or 0
+
+
+def capture() -> None:
+    """Record wasmtime's handlers (making an Engine installs them, once per process). Linux only."""
+    if _libc is None:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    saved = {}
+    wasmtime.Engine()
     for sig in SIGNALS:
-        action = ctypes.create_string_buffer(_SIGACTION_BYTES)
-        if libc.sigaction(int(sig), None, action) == 0 and ctypes.cast(action, ctypes.POINTER(ctypes.c_void_p))[0]:
-            saved[sig] = action  # a handler (the first field is not SIG_DFL)
-    try:
-        yield
-    finally:
-        for sig, action in saved.items():
-            libc.sigaction(int(sig), action, None)
+        action = _action(int(sig))
+        if _handler(action):
+            _wasmtime[int(sig)] = action
+
+
+def restore() -> list[int]:
+    """Put wasmtime's handlers back where another has replaced them; returns those signals."""
+    replaced = [sig for sig, action in _wasmtime.items() if _handler(_action(sig)) != _handler(action)]
+    for sig in replaced:
+        _libc.sigaction(sig, _wasmtime[sig], None)
+    return replaced
+
+
+capture()

@@ -21,7 +21,7 @@ from typing import Callable
 import wasmtime
 from wasmtime import component as wc
 
-from cluster import imports, wasm_async
+from cluster import fatal_signals, imports, wasm_async
 from cluster.sandbox import YIELD_FUEL, Limits, Sandbox
 from cluster.session import InferletSession
 from cluster.timers import Timers
@@ -129,6 +129,9 @@ class Scheduler:
                 ready = list(self._ready)
                 self._ready.clear()
                 self._queued.clear()
+            for sig in fatal_signals.restore():  # Ray (re)started or stopped in this process since the last round
+                log.warning("signal %d's handler was replaced (by Ray?): wasmtime's is back, so a guest trap "
+                            "stays an error", sig)
             for command in commands:
                 try:
                     if command[0] == "start":

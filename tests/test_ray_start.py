@@ -50,12 +50,16 @@ def test_a_node_startup_timeout_is_retried(monkeypatch):
 
 
 TRAP_AFTER_RAY = """
+import ray
 import wasmtime
+from cluster import fatal_signals  # records wasmtime's trap handlers (its first Engine installs them)
 from cluster.actors.cluster import init_local_ray
-engine = wasmtime.Engine()  # wasmtime's trap handlers are installed before Ray starts
+engine = wasmtime.Engine()
 store = wasmtime.Store(engine)
 module = wasmtime.Module(engine, '(module (func (export "f") unreachable))')
-init_local_ray(log_to_driver=False)
+init_local_ray(log_to_driver=False)  # installs Ray's crash handlers over wasmtime's
+ray.shutdown()  # resets the signals to their defaults
+print("replaced", sorted(fatal_signals.restore()))  # what the scheduler does before each round
 try:
     wasmtime.Instance(store, module, []).exports(store)["f"](store)
 except wasmtime.Trap:
@@ -63,11 +67,14 @@ except wasmtime.Trap:
 """
 
 
-def test_a_guest_trap_after_ray_starts_in_the_process_is_still_an_error():
-    """ray.init installs crash handlers over wasmtime's; init_local_ray puts wasmtime's back, else the
-    trap kills the process with SIGILL (exit code -4)."""
+def test_a_guest_trap_after_ray_came_and_went_is_still_an_error():
+    """Ray replaces wasmtime's trap handlers when it starts and resets them when it stops; the scheduler
+    puts them back before each round (fatal_signals.restore), else the trap kills the process with
+    SIGILL (exit code -4)."""
+    import signal
     import subprocess
     import sys
 
     done = subprocess.run([sys.executable, "-c", TRAP_AFTER_RAY], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "trapped" in done.stdout, (done.returncode, done.stderr[-2000:])
+    assert str(int(signal.SIGILL)) in done.stdout.split("replaced", 1)[1]

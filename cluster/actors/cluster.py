@@ -21,7 +21,6 @@ from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, Directory,
 from cluster.actors.host_actor import HostActor
 from cluster.actors.worker_actor import WorkerActor
 from cluster.batcher import BatchPolicy
-from cluster.fatal_signals import kept_signal_handlers
 from cluster.gateway import GatewayService, HostLink
 from cluster.grpc_server import DEFAULT_MAX_RUNNING
 from cluster.program_store import ProgramStore
@@ -108,9 +107,7 @@ def init_local_ray(**options) -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
-            with kept_signal_handlers():  # a guest trap in this process stays an error (cluster/fatal_signals.py)
-                ray.init(**{"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
-                            **options})
+            ray.init(**{"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False, **options})
             return
         except Exception as e:
             # seen here when Ray is started right after another local Ray stopped: its GCS server never
