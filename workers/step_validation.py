@@ -43,42 +43,17 @@ def validate_batch(batch: StepBatch, limits: StepLimits) -> None:
         _check_indptr("custom_mask_indptr", batch.custom_mask_indptr, len(batch.custom_mask), n)
     if len(batch.kv_last_page_lens) != n:
         raise InvalidRequestError(f"kv_last_page_lens has {len(batch.kv_last_page_lens)} entries for {n} requests")
-    q_lens = np.diff(batch.qo_indptr)
-    num_pages = np.diff(batch.kv_page_indptr)
-    kv_lens = np.maximum(num_pages - 1, 0) * limits.page_size + batch.kv_last_page_lens
     for i in range(n):
-        _check_request(batch, limits, i, int(q_lens[i]), int(num_pages[i]), int(kv_lens[i]))
+        _check_request(batch, limits, i)
     _check_outputs(batch, limits)
 
 
-def _check_request(batch: StepBatch, limits: StepLimits, i: int, q_len: int, num_pages: int, kv_len: int) -> None:
+def _check_request(batch: StepBatch, limits: StepLimits, i: int) -> None:
     t0, t1 = batch.qo_indptr[i], batch.qo_indptr[i + 1]
     p0, p1 = batch.kv_page_indptr[i], batch.kv_page_indptr[i + 1]
-    if q_len == 0:
-        raise InvalidRequestError("has no input tokens", i)
-    if num_pages == 0:
-        raise InvalidRequestError("has no KV pages", i)
-    last = int(batch.kv_last_page_lens[i])
-    if not 1 <= last <= limits.page_size:
-        raise InvalidRequestError(f"kv_last_page_len {last} is outside [1, page_size={limits.page_size}]", i)
-    if kv_len < q_len:
-        raise InvalidRequestError(
-            f"its pages hold {kv_len} slots, fewer than its {q_len} input tokens", i)
-    pages = batch.kv_page_indices[p0:p1]
-    bad = pages[(pages < 0) | (pages >= limits.num_pages)]
-    if len(bad):
-        raise InvalidRequestError(f"page id {int(bad[0])} is out of range [0, {limits.num_pages})", i)
-    if len(np.unique(pages)) != len(pages):
-        raise InvalidRequestError("lists the same page twice in its KV sequence", i)
-    tokens = batch.token_ids[t0:t1]
-    bad = tokens[(tokens < 0) | (tokens >= limits.vocab_size)]
-    if len(bad):
-        raise InvalidRequestError(f"token id {int(bad[0])} is outside the vocabulary [0, {limits.vocab_size})", i)
-    positions = batch.position_ids[t0:t1]
-    bad = positions[(positions < 0) | (positions >= limits.max_position)]
-    if len(bad):
-        raise InvalidRequestError(
-            f"position {int(bad[0])} is beyond the model's context [0, {limits.max_position})", i)
+    q_len = int(t1 - t0)
+    kv_len = _check_one(batch.token_ids[t0:t1].tolist(), batch.position_ids[t0:t1].tolist(),
+                        batch.kv_page_indices[p0:p1].tolist(), int(batch.kv_last_page_lens[i]), limits, i)
     if batch.custom_mask_indptr is not None:
         m0, m1 = int(batch.custom_mask_indptr[i]), int(batch.custom_mask_indptr[i + 1])
         if m1 != m0 and m1 - m0 != q_len * kv_len:
@@ -96,15 +71,36 @@ def validate_request(request: ForwardRequest, limits: StepLimits, index: int | N
     checks (tens of microseconds a pass, on the path of every token). Errors name `index`."""
     tokens = _int_list(request.token_ids, "token_ids", index)
     positions = _int_list(request.position_ids, "position_ids", index)
-    pages = _int_list(request.kv_page_indices, "kv_page_indices", index)
     q_len = len(tokens)
     if len(positions) != q_len:
         raise InvalidRequestError(f"position_ids has {len(positions)} entries for {q_len} tokens", index)
+    kv_len = _check_one(tokens, positions, _int_list(request.kv_page_indices, "kv_page_indices", index),
+                        int(request.kv_last_page_len), limits, index)
+    if request.attention_mask is not None:
+        mask = np.asarray(request.attention_mask)
+        if mask.shape != (q_len, kv_len):
+            raise InvalidRequestError(f"attention mask has shape {mask.shape}; it must be q_len x kv_len = "
+                                      f"{q_len} x {kv_len}", index)
+        if not mask.astype(bool).any(axis=1).all():
+            raise InvalidRequestError("attention mask leaves an input token with nothing to attend to", index)
+    outputs = _int_list(request.output_indices, "output_indices", index)
+    if len(outputs) != len(request.samplers):
+        raise InvalidRequestError(f"{len(outputs)} output positions but {len(request.samplers)} samplers", index)
+    for position, sampler in zip(outputs, request.samplers):
+        if not 0 <= position < q_len:
+            raise InvalidRequestError(f"output index {position} is outside the request's {q_len} tokens", index)
+        _check_sampler(sampler, limits, index)
+
+
+def _check_one(tokens: list[int], positions: list[int], pages: list[int], last: int, limits: StepLimits,
+               index: int | None) -> int:
+    """The checks of one request's tokens, positions and pages (as lists, which is faster than numpy at
+    the sizes of a decode); returns its KV length."""
+    q_len = len(tokens)
     if q_len == 0:
         raise InvalidRequestError("has no input tokens", index)
     if not pages:
         raise InvalidRequestError("has no KV pages", index)
-    last = int(request.kv_last_page_len)
     if not 1 <= last <= limits.page_size:
         raise InvalidRequestError(f"kv_last_page_len {last} is outside [1, page_size={limits.page_size}]", index)
     kv_len = (len(pages) - 1) * limits.page_size + last
@@ -121,20 +117,7 @@ def validate_request(request: ForwardRequest, limits: StepLimits, index: int | N
     if min(positions) < 0 or max(positions) >= limits.max_position:
         bad = next(p for p in positions if not 0 <= p < limits.max_position)
         raise InvalidRequestError(f"position {bad} is beyond the model's context [0, {limits.max_position})", index)
-    if request.attention_mask is not None:
-        mask = np.asarray(request.attention_mask)
-        if mask.shape != (q_len, kv_len):
-            raise InvalidRequestError(f"attention mask has shape {mask.shape}; it must be q_len x kv_len = "
-                                      f"{q_len} x {kv_len}", index)
-        if not mask.astype(bool).any(axis=1).all():
-            raise InvalidRequestError("attention mask leaves an input token with nothing to attend to", index)
-    outputs = _int_list(request.output_indices, "output_indices", index)
-    if len(outputs) != len(request.samplers):
-        raise InvalidRequestError(f"{len(outputs)} output positions but {len(request.samplers)} samplers", index)
-    for position, sampler in zip(outputs, request.samplers):
-        if not 0 <= position < q_len:
-            raise InvalidRequestError(f"output index {position} is outside the request's {q_len} tokens", index)
-        _check_sampler(sampler, limits, index)
+    return kv_len
 
 
 def _int_list(values, name: str, index: int | None) -> list[int]:
