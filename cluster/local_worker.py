@@ -37,7 +37,7 @@ class LocalWorker:
         self.pages = PageRegistry(executor, max_persistent_pages)
         info = executor.info
         self._step_limits = StepLimits(info.num_pages, info.page_size, info.vocab_size, info.max_position)
-        self._holding = threading.local()  # .on: this thread holds (see hold); .woken: nothing held since
+        self._holding = threading.local()  # .on: this thread holds (see hold); .held: a pass waits for flush
 
     @property
     def info(self) -> ModelInfo:
@@ -124,7 +124,7 @@ class LocalWorker:
         holding = getattr(self._holding, "on", False)
         result = self.batcher.forward(request, wake=not holding)
         if holding:
-            self._holding.woken = False
+            self._holding.held = True
         result.on_done(lambda _: self.pages.unpin(held))
         return result
 
@@ -135,13 +135,13 @@ class LocalWorker:
         woken at the first pass, the executor thread would start the step (taking the GIL between
         torch ops) while the round's guests still run, and a guest's next import then waits for
         the GIL, up to Python's 5 ms switch interval, in the middle of the step."""
-        self._holding.on, self._holding.woken = True, True
+        self._holding.on, self._holding.held = True, False
 
     def flush(self) -> None:
         """Wake the executor thread for the passes held since hold()."""
         self._holding.on = False
-        if not getattr(self._holding, "woken", True):
-            self._holding.woken = True
+        if getattr(self._holding, "held", False):
+            self._holding.held = False
             self.batcher.wake()
 
     # -- ending ----------------------------------------------------------------------------------
