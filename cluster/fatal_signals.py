@@ -21,8 +21,11 @@ import wasmtime
 
 SIGNALS = (signal.SIGILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE)
 _SIGACTION_BYTES = 256  # glibc's struct sigaction (152 bytes on x86-64 and aarch64), copied whole
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+# PyDLL: sigaction is a few hundred nanoseconds, and a CDLL call would hand the GIL to any thread
+# waiting for it (the executor's), which the scheduler then waits to get back, once per call
+_libc = ctypes.PyDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _wasmtime: dict[int, ctypes.Array] = {}  # signal -> wasmtime's sigaction
+_installed: dict[int, int] = {}  # signal -> wasmtime's handler address
 
 
 def _action(sig: int) -> ctypes.Array:
@@ -44,11 +47,18 @@ def capture() -> None:
         action = _action(int(sig))
         if _handler(action):
             _wasmtime[int(sig)] = action
+            _installed[int(sig)] = _handler(action)
 
 
 def restore() -> list[int]:
     """Put wasmtime's handlers back where another has replaced them; returns those signals."""
-    replaced = [sig for sig, action in _wasmtime.items() if _handler(_action(sig)) != _handler(action)]
+    replaced = []
+    buffer = ctypes.create_string_buffer(_SIGACTION_BYTES)  # one per call: schedulers run on many threads
+    in_place = ctypes.c_void_p.from_buffer(buffer)  # sa_handler, the struct's first field
+    for sig, handler in _installed.items():
+        _libc.sigaction(sig, None, buffer)
+        if in_place.value != handler:
+            replaced.append(sig)
     for sig in replaced:
         _libc.sigaction(sig, _wasmtime[sig], None)
     return replaced
