@@ -243,6 +243,9 @@ def test_a_worker_that_cannot_load_its_model_says_why_and_is_not_restarted(clust
         with pytest.raises(ModelLoadError, match="worker 0 cannot load the model.*nonexistent"):
             waiting.wait_for_workers(count=len(cluster.workers) + 1, timeout_s=60)
         assert ray.get(bad.pid.remote()) == pid  # the same process: never restarted
+        for call in (bad.free_pages, bad.check_idle, bad.steps, bad.target):  # each names the cause
+            with pytest.raises(ModelLoadError, match="worker-bad serves nothing:.*nonexistent"):
+                ray.get(call.remote(), timeout=60)
         assert "worker-bad" not in [w.worker_id for w in cluster.directory.workers()]
     finally:
         ray.kill(bad, no_restart=True)

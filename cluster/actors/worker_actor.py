@@ -86,19 +86,26 @@ class WorkerActor:
         """Why the model could not be loaded (the actor then serves nothing), or None."""
         return self.load_error
 
+    def _serving(self) -> LocalWorker:
+        """The worker; ModelLoadError naming the cause when the model never loaded."""
+        if self.load_error is not None:
+            raise ModelLoadError(f"worker {self.worker_id} serves nothing: {self.load_error}")
+        return self.worker
+
     def target(self) -> str:
+        self._serving()
         return self.server.target
 
     def free_pages(self) -> int:
-        return self.worker.num_free_pages
+        return self._serving().num_free_pages
 
     def check_idle(self) -> None:
         """Raise unless every page is free or accounted for (free + allocated == total)."""
-        self.worker.check_idle()
+        self._serving().check_idle()
 
     def steps(self, drain: bool = False) -> list[tuple[int, float]]:
         """(passes, seconds in the executor) of each recent batched step; `drain` forgets them."""
-        history = self.worker.batcher.steps
+        history = self._serving().batcher.steps
         steps = [(s.num_passes, s.exec_s) for s in list(history)]
         if drain:
             history.clear()
