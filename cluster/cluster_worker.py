@@ -105,7 +105,7 @@ class ClusterWorker:
         (pages, meta) once the copy is done and its lease has ended."""
         plan: ImportPlan = self.directory.import_(holder, name)
         if plan.copy is None:
-            return Pending.ready(self.remote.import_(holder, name))
+            return self.remote.import_later(holder, name)
         done = Pending()
 
         def copy() -> None:  # completes `done` whatever happens, or the inferlet would wait forever

@@ -85,6 +85,14 @@ class LocalWorker:
     def import_(self, holder: str, name: str) -> tuple[list[int], str]:
         return self.pages.import_(holder, name)
 
+    def import_later(self, holder: str, name: str) -> Pending:
+        """import_ as a Pending, as every worker offers it (a cluster's may have to copy pages first):
+        here the pages are shared at once."""
+        try:
+            return Pending.ready(self.import_(holder, name))
+        except Exception as e:
+            return Pending.failed(e)
+
     def unexport(self, holder: str, name: str) -> None:
         self.pages.unexport(holder, name)
 

@@ -81,8 +81,15 @@ class RemoteWorker:
         self._sync("export", holder, name, list(pages), meta, persistent)
 
     def import_(self, holder: str, name: str) -> tuple[list[int], str]:
-        pages, meta = self._sync("import_", holder, name)
-        return list(pages), meta
+        return self.wait(self.import_later(holder, name))
+
+    def import_later(self, holder: str, name: str) -> Pending:
+        """import_ without waiting for the reply: completes with (pages, meta)."""
+        imported = Pending()
+        self._call("import_", holder, name).on_done(
+            lambda reply: imported.fail(reply.error) if reply.error else
+            imported.complete((list(reply.value[0]), reply.value[1])))
+        return imported
 
     def unexport(self, holder: str, name: str) -> None:
         self._sync("unexport", holder, name)

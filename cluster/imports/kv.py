@@ -16,10 +16,7 @@ def imports(s: InferletSession) -> dict:
         worker.export(me, name, ids, meta, persistent)
 
     def import_pages(name: str) -> Pending:
-        later = getattr(worker, "import_later", None)  # a ClusterWorker may copy the pages from another worker
-        if later is None:
-            return Pending.ready(worker.import_(me, name))
-        pending = later(me, name)
+        pending = worker.import_later(me, name)  # a ClusterWorker may copy the pages from another worker first
         # a copy that ends after its inferlet did allocated pages to a holder already released: release it again
         pending.on_done(lambda _: s.ended and worker.release(me))
         return pending
