@@ -11,19 +11,14 @@ connection drops, every outstanding and later call fails with WorkerUnavailable,
 """
 from __future__ import annotations
 
-import itertools
-import queue
 import threading
 import time
 from typing import Callable
 
-import grpc
-
+from cluster.call_stream import CallClient
 from cluster.errors import InferletError
-from cluster.frames import END, MESSAGE_LIMITS, frames
-from cluster.handler_codec import Call, decode_reply, encode_call
 from cluster.pending import Pending
-from cluster.proto import worker_pb2, worker_pb2_grpc
+from cluster.proto import worker_pb2_grpc
 from workers.executor import ModelInfo
 from workers.step_types import ForwardRequest
 from workers.tokenizer import Tokenizer, TokenizerSpec
@@ -41,19 +36,11 @@ class RemoteWorker:
         once, on the reader thread, when the connection is lost."""
         self.target = target
         self.timeout_s = timeout_s
-        self._on_broken = on_broken
-        self._closing = False
-        self._channel = grpc.insecure_channel(target, options=MESSAGE_LIMITS)
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._calls: dict[int, Pending] = {}
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._broken: str | None = None
         self._holder: int | None = None  # the thread whose passes wait for flush()
         self._held: list[bytes] = []
         self._held_since = 0.0  # perf_counter() of the oldest held pass
-        stream = worker_pb2_grpc.WorkerStub(self._channel).Calls(self._frames())
-        threading.Thread(target=self._read, args=(stream,), name="worker-replies", daemon=True).start()
+        self._conn = CallClient(target, lambda channel: worker_pb2_grpc.WorkerStub(channel).Calls, WorkerUnavailable,
+                                f"the worker at {target}", timeout_s, on_broken)
         described = self.wait(self._call("describe", ""))
         info = dict(described["info"])
         info["stop_token_ids"] = tuple(info["stop_token_ids"])
@@ -124,24 +111,17 @@ class RemoteWorker:
     @property
     def broken(self) -> str | None:
         """Why the connection is lost, or None while it stands."""
-        return self._broken
+        return self._conn.broken
 
     def close(self) -> None:
-        self._closing = True  # a connection this side ends is not a worker lost
-        self._outbox.put(END)
-        self._channel.close()
+        self._conn.close()
 
     # -- the connection --------------------------------------------------------------------------
     def _call(self, method: str, holder: str, *args) -> Pending:
         """Send a call; its Pending completes with the value, or fails with the worker's error."""
-        pending = Pending()
-        with self._lock:
-            if self._broken:
-                pending.fail(WorkerUnavailable(self._broken))
-                return pending
-            call_id = next(self._ids)
-            self._calls[call_id] = pending
-        message = encode_call(Call(call_id, method, holder, args))
+        pending, message = self._conn.register(method, holder, args)
+        if message is None:
+            return pending
         if self._holder == threading.get_ident():
             if method == "forward":
                 now = time.perf_counter()
@@ -152,48 +132,17 @@ class RemoteWorker:
                     self._send_held()  # a long round: let the worker start on what it has
                 return pending
             self._send_held()  # calls reach the worker in the order they were made
-        self._outbox.put(message)
+        self._conn.send(message)
         return pending
 
     def _send_held(self) -> None:
         held, self._held = self._held, []  # only the holding thread touches _held
         for message in held:
-            self._outbox.put(message)
+            self._conn.send(message)
 
     def _sync(self, method: str, holder: str, *args):
         return self.wait(self._call(method, holder, *args))
 
     def wait(self, pending: Pending):
         """The value of one of this worker's Pendings; WorkerUnavailable when it does not answer in time."""
-        try:
-            return pending.wait(self.timeout_s)
-        except TimeoutError:
-            raise WorkerUnavailable(f"the worker at {self.target} did not answer within {self.timeout_s} s") from None
-
-    def _frames(self):
-        for batch in frames(self._outbox):
-            yield worker_pb2.Frame(messages=batch)
-
-    def _read(self, stream) -> None:
-        reason = f"the worker at {self.target} closed the connection"
-        try:
-            for frame in stream:
-                for message in frame.messages:
-                    reply = decode_reply(message)
-                    with self._lock:
-                        pending = self._calls.pop(reply.call_id, None)
-                    if pending is None:
-                        continue
-                    try:
-                        pending.complete(reply.result())
-                    except Exception as e:  # the worker's error, as its own class
-                        pending.fail(e)
-        except grpc.RpcError as e:
-            reason = f"lost the worker at {self.target}: {e.code().name} {e.details()}"
-        with self._lock:
-            self._broken = reason
-            outstanding, self._calls = list(self._calls.values()), {}
-        for pending in outstanding:
-            pending.fail(WorkerUnavailable(reason))
-        if self._on_broken and not self._closing:
-            self._on_broken(reason)
+        return self._conn.wait(pending)

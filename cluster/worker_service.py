@@ -8,20 +8,15 @@ worker releases every inferlet that called through it: a host that dies leaks no
 from __future__ import annotations
 
 import dataclasses
-import logging
-import queue
-import threading
 from concurrent import futures
 
 import grpc
 
-from cluster.frames import END, MESSAGE_LIMITS, frames
-from cluster.handler_codec import Call, Reply, decode_call, encode_reply
+from cluster.call_stream import CallServicer
+from cluster.frames import MESSAGE_LIMITS
 from cluster.local_worker import LocalWorker
-from cluster.pending import Pending
-from cluster.proto import worker_pb2, worker_pb2_grpc
+from cluster.proto import worker_pb2_grpc
 
-log = logging.getLogger("pie.worker")
 
 def describe(worker: LocalWorker) -> dict:
     """What a host needs to know about the worker's model: its info and its tokenizer."""
@@ -30,11 +25,10 @@ def describe(worker: LocalWorker) -> dict:
             "tokenizer_json": spec.tokenizer_json}
 
 
-class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+class WorkerServicer(CallServicer):
     def __init__(self, worker: LocalWorker):
-        self.worker = worker
-        w = worker
-        self._handlers = {  # method -> fn(holder, *args); forward returns a Pending
+        self.worker = w = worker
+        super().__init__({  # method -> fn(holder, *args); forward returns a Pending
             "describe": lambda holder: describe(w),
             "num_free_pages": lambda holder: w.executor.num_free_pages,
             "allocate": w.allocate, "free": w.free, "copy": w.copy, "mask": w.mask,
@@ -42,55 +36,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             "list_exports": lambda holder, prefix: w.list_exports(prefix),
             "forward": w.forward, "release": w.release,
             "read_pages": w.read_pages, "write_pages": w.write_pages,
-        }
-
-    def Calls(self, incoming, context):
-        replies: queue.SimpleQueue = queue.SimpleQueue()
-        holders: set[str] = set()
-        threading.Thread(target=self._read, args=(incoming, replies, holders), name="worker-calls",
-                         daemon=True).start()
-        try:
-            for batch in frames(replies):
-                yield worker_pb2.Frame(messages=batch)
-        finally:
-            for holder in holders:  # the host is gone: nothing it held may stay held
-                self.worker.release(holder)
-
-    def _read(self, incoming, replies: queue.SimpleQueue, holders: set[str]) -> None:
-        try:
-            for frame in incoming:
-                self.worker.hold()  # one wake-up of the executor thread for the frame's passes
-                try:
-                    for message in frame.messages:
-                        self._run(decode_call(message), replies, holders)
-                finally:
-                    self.worker.flush()
-        except Exception as e:  # the stream broke or a frame was garbage: end the connection
-            if not isinstance(e, grpc.RpcError):
-                log.exception("handler-call stream failed")
-        finally:
-            replies.put(END)
-
-    def _run(self, call: Call, replies: queue.SimpleQueue, holders: set[str]) -> None:
-        answer = lambda reply: replies.put(encode_reply(reply))
-        fn = self._handlers.get(call.method)
-        if fn is None:
-            answer(Reply.failure(call.call_id, ValueError(f"no handler {call.method!r} on this worker")))
-            return
-        if call.holder:
-            holders.add(call.holder)
-        try:
-            value = fn(call.holder, *call.args)
-        except Exception as e:
-            answer(Reply.failure(call.call_id, e))
-            return
-        if isinstance(value, Pending):  # a forward pass: answered when its step is done
-            value.on_done(lambda r: answer(Reply.failure(call.call_id, r.error) if r.error
-                                           else Reply(call.call_id, r.value)))
-            return
-        if call.method == "release":
-            holders.discard(call.holder)
-        answer(Reply(call.call_id, value))
+        }, release=w.release, releasing="release",
+            hold=w.hold, flush=w.flush)  # one wake-up of the executor thread for a frame's passes
 
 
 class WorkerServer:
