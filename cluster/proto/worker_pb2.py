@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63luster/proto/worker.proto\x12\x06pie.v1\"\x19\n\x05\x46rame\x12\x10\n\x08messages\x18\x01 \x03(\x0c\x32\x33\n\x06Worker\x12)\n\x05\x43\x61lls\x12\r.pie.v1.Frame\x1a\r.pie.v1.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63luster/proto/worker.proto\x12\x06pie.v1\"\x19\n\x05\x46rame\x12\x10\n\x08messages\x18\x01 \x03(\x0c\x32\x33\n\x06Worker\x12)\n\x05\x43\x61lls\x12\r.pie.v1.Frame\x1a\r.pie.v1.Frame(\x01\x30\x01\x32\x30\n\x03\x42us\x12)\n\x05\x43\x61lls\x12\r.pie.v1.Frame\x1a\r.pie.v1.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,4 +35,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAME']._serialized_end=63
   _globals['_WORKER']._serialized_start=65
   _globals['_WORKER']._serialized_end=116
+  _globals['_BUS']._serialized_start=118
+  _globals['_BUS']._serialized_end=166
 # @@protoc_insertion_point(module_scope)

@@ -95,3 +95,84 @@ class Worker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BusStub:
+    """The cluster's message bus (cluster/bus_service.py): hosts call one MessageBus the same way, so
+    inferlets on different hosts share topics, queues and the store. When a host's stream ends,
+    the bus drops the subscriptions and waiting calls of every inferlet that called through it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Calls = channel.stream_stream(
+                '/pie.v1.Bus/Calls',
+                request_serializer=cluster_dot_proto_dot_worker__pb2.Frame.SerializeToString,
+                response_deserializer=cluster_dot_proto_dot_worker__pb2.Frame.FromString,
+                _registered_method=True)
+
+
+class BusServicer:
+    """The cluster's message bus (cluster/bus_service.py): hosts call one MessageBus the same way, so
+    inferlets on different hosts share topics, queues and the store. When a host's stream ends,
+    the bus drops the subscriptions and waiting calls of every inferlet that called through it.
+    """
+
+    def Calls(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BusServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Calls': grpc.stream_stream_rpc_method_handler(
+                    servicer.Calls,
+                    request_deserializer=cluster_dot_proto_dot_worker__pb2.Frame.FromString,
+                    response_serializer=cluster_dot_proto_dot_worker__pb2.Frame.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pie.v1.Bus', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pie.v1.Bus', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Bus:
+    """The cluster's message bus (cluster/bus_service.py): hosts call one MessageBus the same way, so
+    inferlets on different hosts share topics, queues and the store. When a host's stream ends,
+    the bus drops the subscriptions and waiting calls of every inferlet that called through it.
+    """
+
+    @staticmethod
+    def Calls(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pie.v1.Bus/Calls',
+            cluster_dot_proto_dot_worker__pb2.Frame.SerializeToString,
+            cluster_dot_proto_dot_worker__pb2.Frame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
