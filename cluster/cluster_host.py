@@ -4,7 +4,8 @@ ClusterHost launches like an InferletHost (same `sandbox`, same `launch` callbac
 asks the directory where the inferlet goes (`place_owner`: the worker holding the longest cached
 prefix of its prompt hint, else the least loaded) and records it there; the inferlet's end is
 recorded too. Inside, one InferletHost per worker runs the inferlets placed on it (its scheduler
-thread, its ClusterWorker); they share this host's sandbox and its one connection per worker.
+thread, its ClusterWorker); they share this host's sandbox, its one connection per worker and one
+message bus: the cluster's (a RemoteBus, see cluster/bus_service.py), or else one of this host's own.
 
 A lost connection marks its worker dead in the directory (unless it already rejoined elsewhere):
 the inferlets on it fail with WorkerUnavailable naming it, and the next launch placed on it (once
@@ -24,9 +25,11 @@ from wasmtime import component as wc
 from cluster.cluster_worker import ClusterWorker
 from cluster.http_client import HttpPolicy
 from cluster.inferlet_host import InferletHost, Outcome, RunningInferlet, load_component
-from cluster.messaging import BusLimits
+from cluster.bus_service import RemoteBus
+from cluster.messaging import BusLimits, MessageBus
 from cluster.remote_worker import RemoteWorker
 from cluster.sandbox import Limits, Sandbox
+from cluster.timers import Timers
 from workers.tokenizer import Tokenizer, TokenizerSpec
 
 log = logging.getLogger("pie.cluster")
@@ -36,13 +39,18 @@ MAX_HINT_TOKENS = 8192  # a prompt hint longer than this is cut: placement only 
 
 class ClusterHost:
     def __init__(self, directory, limits: Limits = Limits(), http_policy: HttpPolicy = HttpPolicy(),
-                 bus_limits: BusLimits | None = None, sandbox: Sandbox | None = None, host_id: str | None = None):
-        """`directory`: a Directory in process or a DirectoryHandle to the actor."""
+                 bus_limits: BusLimits | None = None, sandbox: Sandbox | None = None, host_id: str | None = None,
+                 bus: RemoteBus | None = None):
+        """`directory`: a Directory in process or a DirectoryHandle to the actor. `bus`: the cluster's
+        message bus (default: one of this host's own, shared by its inferlets on every worker)."""
         self.directory = directory
         self.limits = limits
         self.sandbox = sandbox or Sandbox()
         self.host_id = host_id or secrets.token_hex(4)
-        self._http_policy, self._bus_limits = http_policy, bus_limits
+        self._http_policy = http_policy
+        self._bus_timers = None if bus else Timers()
+        self.bus = bus or MessageBus(bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes),
+                                     self._bus_timers)
         self._lock = threading.Lock()
         self._connections: dict[str, RemoteWorker] = {}  # worker id -> live connection
         self._hosts: dict[str, InferletHost] = {}  # worker id -> the host of the inferlets placed there
@@ -107,8 +115,8 @@ class ClusterHost:
             host.close()  # its inferlets already failed with the lost connection
         worker = ClusterWorker(worker_id, self.connection(worker_id), self.directory, self.connection,
                                self.limits.max_pages)
-        fresh = InferletHost(limits=self.limits, http_policy=self._http_policy, bus_limits=self._bus_limits,
-                             sandbox=self.sandbox, worker=worker)
+        fresh = InferletHost(limits=self.limits, http_policy=self._http_policy, sandbox=self.sandbox, worker=worker,
+                             bus=self.bus)
         with self._lock:
             self._hosts[worker_id] = fresh
         return fresh
@@ -141,6 +149,10 @@ class ClusterHost:
             host.close()
         for remote in connections:
             remote.close()
+        if self._bus_timers is not None:
+            self._bus_timers.close()
+        else:
+            self.bus.close()
 
     def __enter__(self):
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from cluster.bus_service import RemoteBus
 from cluster.http_client import HttpClient
 from cluster.local_worker import LocalWorker
 from cluster.messaging import MessageBus
@@ -16,7 +17,7 @@ from workers.tokenizer import Tokenizer
 @dataclass
 class HostServices:
     worker: LocalWorker | RemoteWorker  # the handler calls of the executor the inferlets run on
-    bus: MessageBus  # topics, queues, key-value store
+    bus: MessageBus | RemoteBus  # topics, queues, key-value store (the cluster's one bus, in cluster mode)
     http: HttpClient  # outbound HTTP under the deployment's allow-list
     timers: Timers  # sleeps and timeouts
     _lock: threading.Lock = field(default_factory=threading.Lock)

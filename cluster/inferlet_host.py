@@ -23,6 +23,7 @@ from cluster.host_services import HostServices
 from cluster.http_client import HttpClient, HttpPolicy
 from cluster.inferlet_build import build
 from cluster.local_worker import LocalWorker
+from cluster.bus_service import RemoteBus
 from cluster.messaging import BusLimits, MessageBus
 from cluster.remote_worker import RemoteWorker
 from cluster.sandbox import Limits, Sandbox
@@ -87,9 +88,11 @@ class InferletHost:
 
     def __init__(self, executor: Executor | None = None, limits: Limits = Limits(), policy: BatchPolicy = BatchPolicy(),
                  http_policy: HttpPolicy = HttpPolicy(), bus_limits: BusLimits | None = None,
-                 sandbox: Sandbox | None = None, worker: LocalWorker | RemoteWorker | None = None):
+                 sandbox: Sandbox | None = None, worker: LocalWorker | RemoteWorker | None = None,
+                 bus: MessageBus | RemoteBus | None = None):
         """Runs inferlets on `executor` (a LocalWorker of its own, batching under `policy`), or on
-        `worker`: a LocalWorker shared with other hosts, or a RemoteWorker in another process."""
+        `worker`: a LocalWorker shared with other hosts, or a RemoteWorker in another process.
+        `bus`: the message bus its inferlets share with others (default: one of its own)."""
         if (executor is None) == (worker is None):
             raise ValueError("an InferletHost runs on an executor or on a worker: give exactly one")
         self.limits = limits
@@ -99,7 +102,7 @@ class InferletHost:
         self._owns_worker = worker is None
         self.services = HostServices(
             worker=self.worker,
-            bus=MessageBus(bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes), timers),
+            bus=bus or MessageBus(bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes), timers),
             http=HttpClient(http_policy), timers=timers)
         self.scheduler = Scheduler(self.sandbox, timers, hold=self.worker.hold, flush=self.worker.flush)
         # instance ids are unique across hosts: a worker serves many, and pages belong to instances

@@ -1,6 +1,8 @@
-"""Messages between the inferlets of one host: broadcast topics, push/pull queues, a key-value store.
+"""Messages between inferlets: broadcast topics, push/pull queues, a key-value store.
 
-One MessageBus is shared by every inferlet of a host; inferlets are named by their string id.
+One MessageBus is shared by every inferlet of a host in embedded mode, and by every inferlet of the
+cluster in cluster mode (served by the bus actor, cluster/bus_service.py); inferlets are named by
+their string id.
 
 - Topics: `subscribe` then `next_broadcast`. A broadcast is copied into the buffer of every
   subscriber except its sender. A buffer is bounded (messages and bytes): when full, the oldest

@@ -5,6 +5,7 @@ One cluster serves the whole module (starting it costs ~15 s: Ray, then two mode
 fault tests kill actors: they run last in this module, and each waits for Ray to bring the
 killed actor back before it ends, so the next test finds a whole cluster again.
 """
+import json
 import threading
 import time
 
@@ -137,6 +138,24 @@ def test_a_guest_trap_in_a_host_actor_fails_that_inferlet_only(cluster, client, 
     _, messages, last = collect(client.launch(programs[TEXT], ["--max-tokens", "4"]))
     assert isinstance(last, Finished) and messages
     settled(cluster)
+
+
+def test_inferlets_on_different_hosts_message_each_other_through_the_clusters_bus(cluster):
+    """Subscriber on host 0, publisher on host 1 (each launched at its host directly): the broadcast, the
+    queue message and the store all cross hosts, through the one bus actor."""
+    probe = build("tests/inferlets/api_probe.py")
+    targets = [ray.get(h.address.remote())[1] for h in cluster.hosts]
+    with PieClient(targets[0]) as first, PieClient(targets[1]) as second:
+        events = iter(first.launch(first.upload(probe), ["subscriber", "cluster-news", "cluster-jobs"]))
+        assert isinstance(next(events), Started)
+        assert next(events).text == "subscribed"
+        _, [sent], last = collect(second.launch(second.upload(probe), ["publisher", "cluster-news", "cluster-jobs"]))
+        assert isinstance(last, Finished), last
+        _, [got], last = collect(events)
+        assert isinstance(last, Finished), last
+    assert json.loads(sent)["reached"] == 1
+    assert json.loads(got) == {"broadcast": "hello subscribers", "pulled": "work item", "timed_out": None,
+                               "stored": "shared-value", "keys": ["shared-key"]}
 
 
 def test_health_sums_both_workers(client):

@@ -1,4 +1,5 @@
-"""Talking to other inferlets on the same host: topics, queues and a small key-value store."""
+"""Talking to other inferlets (on the same host in embedded mode, anywhere in the cluster in cluster mode):
+topics, queues and a small key-value store."""
 from wit_world.imports import messaging
 
 from pie_sdk.runtime import unwrap
