@@ -68,15 +68,16 @@ class _AsyncImport:
 class _InFlight:
     """An async import call waiting on its Pending; the continuation writes its result."""
 
-    __slots__ = ("imp", "pending", "results")
+    __slots__ = ("imp", "pending", "results", "context")
 
-    def __init__(self, imp: _AsyncImport, pending: Pending, results):
-        self.imp, self.pending, self.results = imp, pending, results
+    def __init__(self, imp: _AsyncImport, pending: Pending, results, context: int):
+        self.imp, self.pending, self.results, self.context = imp, pending, results, context
 
 
 _lock = threading.Lock()
 _imports: dict[int, _AsyncImport] = {}  # env id -> import (ids stay valid until the linker drops them)
 _in_flight: dict[int, _InFlight] = {}  # env id of a continuation -> its call
+_failed: dict[int, str] = {}  # store context address -> why an async import could not answer its guest
 _ids = itertools.count(1)
 
 
@@ -98,11 +99,16 @@ def _continue(env):
     if call is None or not call.pending.done:
         return False
     t0 = time.perf_counter()
-    if call.imp.result_type is not None:
-        if call.pending.error is not None:  # a host bug: the start function's contract is to return values
-            raise RuntimeError(f"async import {call.imp.name} failed: {call.pending.error!r}")
-        call.imp.result_type.convert_to_c(None, call.pending.value, call.results)
-    import_stats.seconds += time.perf_counter() - t0
+    try:
+        if call.imp.result_type is not None:
+            if call.pending.error is not None:  # the start function's contract is to complete with values
+                raise call.pending.error
+            call.imp.result_type.convert_to_c(None, call.pending.value, call.results)
+    except Exception as e:  # a host bug. A continuation cannot fail the call: its AsyncCall does, at its next poll
+        _failed[call.context] = f"import {call.imp.name} failed: {e!r}"
+        return False
+    finally:
+        import_stats.seconds += time.perf_counter() - t0
     return True
 
 
@@ -121,7 +127,7 @@ def _start(env, context, fty_raw, args, nargs, results, nresults, error_ret, con
         return
     call_id = next(_ids)
     with _lock:
-        _in_flight[call_id] = _InFlight(imp, pending, results)
+        _in_flight[call_id] = _InFlight(imp, pending, results, ctypes.cast(context, ctypes.c_void_p).value)
     continuation[0].callback = _continue
     continuation[0].env = call_id
     continuation[0].finalizer = _forget_in_flight
@@ -227,6 +233,7 @@ class AsyncCall:
         self._result = ffi.wasmtime_component_val_t()
         self._error = POINTER(ffi.wasmtime_error_t)()
         self._func = func  # keep the raw func struct alive while the future refers to it
+        self._context = ctypes.cast(store._context(), ctypes.c_void_p).value  # how _continue names this store
         self._future = ffi.wasmtime_component_func_call_async(
             byref(func._func), store._context(), self._args, len(args), byref(self._result),
             1 if self._result_type is not None else 0, byref(self._error))
@@ -237,7 +244,10 @@ class AsyncCall:
         if self.finished:
             return True
         if not ffi.wasmtime_call_future_poll(self._future):
-            return False
+            failure = _failed.pop(self._context, None) if _failed else None
+            if failure is None:
+                return False
+            self._error = ffi.wasmtime_error_new(ctypes.create_string_buffer(failure.encode()))  # result() raises it
         self._close()
         self.finished = True
         return True
@@ -260,6 +270,7 @@ class AsyncCall:
             self.finished = True
 
     def _close(self) -> None:
+        _failed.pop(self._context, None)  # a later store at the same address must not inherit it
         ffi.wasmtime_call_future_delete(self._future)
         for i in range(self._nargs):
             ffi.wasmtime_component_val_delete(byref(self._args[i]))

@@ -81,3 +81,21 @@ def test_an_async_import_whose_start_raises_traps_the_guest_naming_the_import(sa
     assert call.poll() is True
     with pytest.raises(wasmtime.WasmtimeError, match=r"import later failed: RuntimeError\('start broke'\)"):
         call.result()
+
+
+@pytest.mark.parametrize("outcome, cause", [
+    (lambda: Pending.failed(RuntimeError("broke later")), r"RuntimeError\('broke later'\)"),
+    (lambda: Pending.ready("not a u32"), "TypeError"),
+])
+def test_an_async_import_whose_pending_cannot_answer_ends_the_call_instead_of_suspending_it_forever(
+        sandbox, outcome, cause):
+    later = Pending()
+    call = start(sandbox, lambda: 1, lambda: later)
+    assert call.poll() is False
+    done = outcome()
+    later.fail(done.error) if done.error else later.complete(done.value)
+    assert call.poll() is True  # before, the guest stayed suspended and every poll returned False
+    with pytest.raises(wasmtime.WasmtimeError, match=f"import later failed: {cause}"):
+        call.result()
+    healthy = start(sandbox, lambda: 2, lambda: Pending.ready(3))  # the failure stays with its own call
+    assert healthy.poll() is True and healthy.result() == 2003
