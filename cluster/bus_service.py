@@ -2,8 +2,10 @@
 
 In embedded mode the inferlets of a host share its own MessageBus. In cluster mode the gateway
 spreads inferlets over hosts (and a host over workers), so a per-host bus would only connect the
-inferlets that happened to land together. Instead one bus actor (cluster/actors/bus_actor.py) owns
-the MessageBus and serves it with `BusServer`; each host talks to it through a `RemoteBus`, which
+inferlets that happened to land together. Instead one MessageBus, served with `BusServer` in the
+directory actor's process (`Directory.bus_target()`, started when an inferlet first messages: an
+actor of its own would add ~140 idle wake-ups a second to every node's background), is the
+cluster's; each host talks to it through a `RemoteBus`, which
 has the MessageBus methods the messaging imports call, over one handler-call stream
 (cluster/call_stream.py, the `Bus` service of cluster/proto/worker.proto).
 
@@ -12,7 +14,7 @@ or LAN round trip. `next_broadcast` and `pull` return a Pending completed by the
 timeouts run on the bus's own timers. Limits and refusals are the bus's (MessagingError, re-raised
 on the host with the bus's message). When a host's stream ends (it closed, or died), the bus drops
 every inferlet that called through it; if the bus is lost, messaging calls fail with BusUnavailable
-until the host dials it again (Ray restarts the bus actor, empty).
+until the host dials it again (Ray restarts the directory, and with it an empty bus).
 """
 from __future__ import annotations
 

@@ -140,22 +140,26 @@ def test_a_guest_trap_in_a_host_actor_fails_that_inferlet_only(cluster, client, 
     settled(cluster)
 
 
-def test_inferlets_on_different_hosts_message_each_other_through_the_clusters_bus(cluster):
+def message_across_hosts(cluster, topic: str, queue: str) -> None:
     """Subscriber on host 0, publisher on host 1 (each launched at its host directly): the broadcast, the
-    queue message and the store all cross hosts, through the one bus actor."""
+    queue message and the store all cross hosts, through the cluster's one bus."""
     probe = build("tests/inferlets/api_probe.py")
     targets = [ray.get(h.address.remote())[1] for h in cluster.hosts]
     with PieClient(targets[0]) as first, PieClient(targets[1]) as second:
-        events = iter(first.launch(first.upload(probe), ["subscriber", "cluster-news", "cluster-jobs"]))
+        events = iter(first.launch(first.upload(probe), ["subscriber", topic, queue]))
         assert isinstance(next(events), Started)
         assert next(events).text == "subscribed"
-        _, [sent], last = collect(second.launch(second.upload(probe), ["publisher", "cluster-news", "cluster-jobs"]))
+        _, [sent], last = collect(second.launch(second.upload(probe), ["publisher", topic, queue]))
         assert isinstance(last, Finished), last
         _, [got], last = collect(events)
         assert isinstance(last, Finished), last
     assert json.loads(sent)["reached"] == 1
     assert json.loads(got) == {"broadcast": "hello subscribers", "pulled": "work item", "timed_out": None,
                                "stored": "shared-value", "keys": ["shared-key"]}
+
+
+def test_inferlets_on_different_hosts_message_each_other_through_the_clusters_bus(cluster):
+    message_across_hosts(cluster, "cluster-news", "cluster-jobs")
 
 
 def test_health_sums_both_workers(client):
@@ -348,4 +352,6 @@ def test_a_restarted_directory_gets_its_workers_back(cluster, client, programs):
     _, messages, last = collect(client.launch(programs[TEXT], ["--prompt", "What is the capital of France?",
                                                                "--max-tokens", "8"]))
     assert isinstance(last, Finished) and "Paris" in "".join(messages)
+    # the bus ran in the old directory's process: the hosts' connections broke, and they dial the new one
+    message_across_hosts(cluster, "after-restart-news", "after-restart-jobs")
     settled(cluster)

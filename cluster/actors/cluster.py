@@ -4,9 +4,9 @@
     cluster = start_cluster(ClusterSpec(workers=2))
     server = serve_service(cluster.gateway_service(), port=50051)
 
-One directory actor, one message bus actor (topics, queues and the store every inferlet shares),
-`workers` worker actors (each asks Ray for `worker_resources`: num_gpus=1
-on a GPU cluster, nothing on a CPU box) and `hosts` host actors, all named and restarted by Ray
+One directory actor (which also runs the message bus every inferlet shares), `workers` worker
+actors (each asks Ray for `worker_resources`: num_gpus=1 on a GPU cluster, nothing on a CPU box)
+and `hosts` host actors, all named and restarted by Ray
 when they die. Actors that already exist under those names are reused (a second gateway, or a
 Serve replica that restarted, joins the same cluster). `pie serve --ray` and deploy/app.py both
 start the cluster through here.
@@ -18,7 +18,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from cluster.actors.bus_actor import BUS_NAME, BusActor
 from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, Directory, DirectoryHandle
 from cluster.actors.host_actor import HostActor
 from cluster.actors.worker_actor import WorkerActor
@@ -55,13 +54,12 @@ class ClusterSpec:
 class Cluster:
     """Handles to the started actors."""
 
-    def __init__(self, spec: ClusterSpec, directory, workers: list, hosts: list, bus=None):
+    def __init__(self, spec: ClusterSpec, directory, workers: list, hosts: list):
         self.spec = spec
         self.directory_actor = directory
         self.directory = DirectoryHandle(directory)
         self.workers = workers  # worker actor handles, in worker-id order
         self.hosts = hosts  # host actor handles
-        self.bus_actor = bus  # the message bus actor's handle
 
     def host_links(self) -> list[HostLink]:
         import ray
@@ -134,7 +132,7 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     directory = ray.remote(Directory).options(
         name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
         max_task_retries=-1,  # a call made while it restarts waits for it instead of failing
-    ).remote(spec.page_size)
+    ).remote(spec.page_size, bus_address=spec.bind_address)
     # Ray starts actors with OMP_NUM_THREADS=1 (num_cpus of the actor) and at nice 15; torch.set_num_threads
     # alone leaves threads that read the environment at one, and a niced executor loses every core it shares
     threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -144,14 +142,11 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     ).remote(f"worker-{i}", DIRECTORY_NAME, spec.model, spec.dtype, spec.num_pages, threads, spec.policy, spec.device,
               spec.bind_address)
         for i in range(spec.workers)]
-    bus = ray.remote(BusActor).options(
-        name=BUS_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
-    ).remote(address=spec.bind_address)
     hosts = [ray.remote(HostActor).options(
         name=HOST_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
         num_cpus=0, max_concurrency=8,
     ).remote(DIRECTORY_NAME, max_running=spec.max_running, address=spec.bind_address) for i in range(spec.hosts)]
-    cluster = Cluster(spec, directory, workers, hosts, bus)
+    cluster = Cluster(spec, directory, workers, hosts)
     if wait:
         cluster.wait_for_workers()
     return cluster

@@ -2,7 +2,8 @@
 
 `Directory` is cluster.kv_directory.KvDirectory plus what a cluster needs around it: where each
 worker serves its handler calls (its gRPC target, which changes when Ray restarts it) and the
-model the workers run (so a host can tokenize before it has dialled any worker). Ray runs it as
+model the workers run (so a host can tokenize before it has dialled any worker), and the cluster's
+message bus (`bus_target()`, see cluster/bus_service.py). Ray runs it as
 the named actor DIRECTORY_NAME; `DirectoryHandle` makes its methods plain blocking calls that
 raise the directory's own errors, so cluster code reads the same against a Directory in process
 (tests) or the actor.
@@ -11,19 +12,26 @@ from __future__ import annotations
 
 import threading
 
+from cluster.bus_service import BusServer
 from cluster.errors import InferletError
 from cluster.kv_directory import DirectoryUnavailable, KvDirectory, NoLiveWorker, Reclaimed
+from cluster.messaging import BusLimits, MessageBus
+from cluster.timers import Timers
 
 DIRECTORY_NAME = "pie-directory"
 NAMESPACE = "pie"  # the Ray namespace of every cluster-mode actor
 
 
 class Directory(KvDirectory):
-    def __init__(self, page_size: int, cache_key: str = ""):
+    def __init__(self, page_size: int, cache_key: str = "", bus_address: str | None = None):
+        """`bus_address`: where the cluster's message bus serves once started (default: the node's
+        address when in Ray, else loopback)."""
         super().__init__(page_size, cache_key)
         self._targets: dict[str, str] = {}  # worker id -> its handler-call service, host:port
         self._model: dict | None = None  # worker_service.describe() of the first worker
         self._meta_lock = threading.Lock()
+        self._bus_address = bus_address
+        self._bus: BusServer | None = None
 
     def join(self, worker_id: str, target: str, num_pages: int, model: dict) -> Reclaimed:
         """A worker (re)starts, empty, serving at `target`. Every worker must run the same model."""
@@ -64,6 +72,22 @@ class Directory(KvDirectory):
             model = self._model["info"]["name"] if self._model and live else ""
         return {"model": model, "free_pages": sum(w.free_pages for w in live),
                 "total_pages": sum(w.num_pages for w in live)}
+
+
+    def bus_target(self) -> str:
+        """Where the cluster's message bus serves: one MessageBus for every host's inferlets, run in
+        this process (not an actor of its own, whose idle wake-ups every node would pay) and started
+        when an inferlet first messages. It restarts, empty, with the directory."""
+        with self._meta_lock:
+            if self._bus is None:
+                self._bus = BusServer(MessageBus(BusLimits(), Timers()), address=self._bus_address or _node_address())
+            return self._bus.target
+
+
+def _node_address() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
 class DirectoryHandle:

@@ -12,7 +12,6 @@ from typing import Callable
 
 from wasmtime import component as wc
 
-from cluster.actors.bus_actor import BUS_NAME, find_bus_target
 from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, DirectoryHandle
 from cluster.bus_service import RemoteBus
 from cluster.cluster_host import ClusterHost
@@ -37,14 +36,14 @@ class HostService(InferletService):
 
 class HostActor:
     def __init__(self, directory_name: str = DIRECTORY_NAME, limits: Limits = Limits(),
-                 max_running: int = DEFAULT_MAX_RUNNING, address: str | None = None, bus_name: str = BUS_NAME):
-        """`address`: where to serve (default: the node's address, for a gateway on another node).
-        `bus_name`: the cluster's message bus actor, found when an inferlet first messages."""
+                 max_running: int = DEFAULT_MAX_RUNNING, address: str | None = None):
+        """`address`: where to serve (default: the node's address, for a gateway on another node)."""
         import ray
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.host = ClusterHost(DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE)), limits,
-                                bus=RemoteBus(lambda: find_bus_target(bus_name)))
+        directory = DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE))
+        # the cluster's message bus runs in the directory's process; found when an inferlet first messages
+        self.host = ClusterHost(directory, limits, bus=RemoteBus(directory.bus_target))
         service = HostService(self.host, ProgramStore(), max_running)
         self.server = serve_service(service, port=0, address=address or ray.util.get_node_ip_address())
 
