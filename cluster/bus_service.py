@@ -19,13 +19,9 @@ until the host dials it again (Ray restarts the directory, and with it an empty 
 from __future__ import annotations
 
 import threading
-from concurrent import futures
 
-import grpc
-
-from cluster.call_stream import CallClient, CallServicer
+from cluster.call_stream import CallClient, CallServer, CallServicer
 from cluster.errors import InferletError
-from cluster.frames import MESSAGE_LIMITS
 from cluster.messaging import MessageBus
 from cluster.pending import Pending
 from cluster.proto import worker_pb2_grpc
@@ -35,10 +31,12 @@ class BusUnavailable(InferletError):
     """The cluster's message bus cannot be reached (it died, or is restarting)."""
 
 
-class BusServer:
-    """A MessageBus served on address:port (port 0: any free one); `target` is what hosts dial."""
+class BusServer(CallServer):
+    """A MessageBus served on address:port (port 0: any free one); `target` is what hosts dial.
+    With `token`, only hosts that send it are served."""
 
-    def __init__(self, bus: MessageBus, address: str = "127.0.0.1", port: int = 0, max_hosts: int = 64):
+    def __init__(self, bus: MessageBus, address: str = "127.0.0.1", port: int = 0, max_hosts: int = 64,
+                 token: str | None = None):
         self.bus = b = bus
         servicer = CallServicer({  # method -> fn(inferlet id, *args); the waiting ones return a Pending
             "subscribe": b.subscribe, "unsubscribe": b.unsubscribe, "broadcast": b.broadcast,
@@ -48,25 +46,18 @@ class BusServer:
             "store_delete": lambda _, key: b.store_delete(key),
             "store_keys": lambda _, prefix: b.store_keys(prefix),
         }, release=b.drop, releasing="drop")
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_hosts, thread_name_prefix="bus-rpc"),
-                                   options=[("grpc.so_reuseport", 0), *MESSAGE_LIMITS])
-        worker_pb2_grpc.add_BusServicer_to_server(servicer, self._server)
-        self.port = self._server.add_insecure_port(f"{address}:{port}")
-        self.target = f"{address}:{self.port}"
-        self._server.start()
-
-    def stop(self, grace: float | None = 1.0) -> None:
-        self._server.stop(grace).wait()
+        super().__init__(worker_pb2_grpc.add_BusServicer_to_server, servicer, address, port, max_hosts, token, "bus")
 
 
 class RemoteBus:
     """The MessageBus methods the messaging imports use, answered by the bus at `find_target()`.
     The connection is dialled on first use, and again after it was lost (the bus restarted)."""
 
-    def __init__(self, find_target, timeout_s: float = 30.0):
-        """`find_target()`: the bus's current address (asked again on each reconnect)."""
+    def __init__(self, find_target, timeout_s: float = 30.0, token: str | None = None):
+        """`find_target()`: the bus's current address (asked again on each reconnect). `token`: the bus's."""
         self._find_target = find_target
         self.timeout_s = timeout_s
+        self._token = token
         self._lock = threading.Lock()
         self._conn: CallClient | None = None
 
@@ -80,7 +71,8 @@ class RemoteBus:
                 except Exception as e:
                     raise BusUnavailable(f"the message bus cannot be found: {e}") from None
                 self._conn = CallClient(target, lambda channel: worker_pb2_grpc.BusStub(channel).Calls,
-                                        BusUnavailable, f"the message bus at {target}", self.timeout_s)
+                                        BusUnavailable, f"the message bus at {target}", self.timeout_s,
+                                        token=self._token)
             return self._conn
 
     def _sync(self, method: str, holder: str, *args):

@@ -11,6 +11,11 @@ message bus (hosts calling the cluster's one MessageBus) are both this.
 - `CallClient(target, open_stream, unavailable, what)`: the client side of one connection. `call()`
   returns a Pending; if the connection drops, every outstanding and later call fails with
   `unavailable(reason)`, naming `what` was lost.
+- `CallServer(add_servicer, servicer)`: a gRPC server for one such service.
+
+These services are the cluster's inside: with a token (the cluster's internal token, see
+cluster/actors/cluster.py) the server refuses any stream that does not carry it, UNAUTHENTICATED,
+and the client sends it with its stream.
 """
 from __future__ import annotations
 
@@ -20,9 +25,12 @@ import queue
 import threading
 from typing import Callable
 
+from concurrent import futures
+
 import grpc
 
 from cluster.frames import END, MESSAGE_LIMITS, frames
+from cluster.grpc_auth import BearerTokenAuth, bearer_metadata
 from cluster.handler_codec import Call, Reply, decode_call, decode_reply, encode_call, encode_reply
 from cluster.pending import Pending
 from cluster.proto import worker_pb2
@@ -95,12 +103,34 @@ class CallServicer:
         answer(Reply(call.call_id, value))
 
 
+class CallServer:
+    """`servicer` served on address:port (port 0: any free one) by `add_servicer(servicer, server)` (the
+    generated add_*Servicer_to_server); `target` is what clients dial."""
+
+    def __init__(self, add_servicer: Callable, servicer, address: str = "127.0.0.1", port: int = 0,
+                 max_clients: int = 64, token: str | None = None, name: str = "calls"):
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_clients, thread_name_prefix=f"{name}-rpc"),
+                                   interceptors=[BearerTokenAuth(token)] if token else [],
+                                   options=[("grpc.so_reuseport", 0), *MESSAGE_LIMITS])
+        add_servicer(servicer, self._server)
+        self.port = self._server.add_insecure_port(f"{address}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}:{port} (in use, or not an address of this machine)")
+        self.target = f"{address}:{self.port}"
+        self._server.start()
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self._server.stop(grace).wait()
+
+
 class CallClient:
     def __init__(self, target: str, open_stream: Callable[[grpc.Channel], Callable], unavailable: type[Exception],
-                 what: str, timeout_s: float = 60.0, on_broken: Callable[[str], None] | None = None):
+                 what: str, timeout_s: float = 60.0, on_broken: Callable[[str], None] | None = None,
+                 token: str | None = None):
         """Dials `target`; `open_stream(channel)` is the stub's stream method (e.g. WorkerStub(channel).Calls).
         `what` names the other side in errors ("the worker at HOST:PORT"). `on_broken(reason)` runs
-        once, on the reader thread, when the connection is lost (not when close() ends it)."""
+        once, on the reader thread, when the connection is lost (not when close() ends it). `token`: the
+        server's, sent with the stream."""
         self.target, self.what, self.timeout_s = target, what, timeout_s
         self._unavailable = unavailable
         self._on_broken = on_broken
@@ -111,7 +141,7 @@ class CallClient:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.broken: str | None = None  # why the connection is lost, or None while it stands
-        stream = open_stream(self._channel)(self._frames())
+        stream = open_stream(self._channel)(self._frames(), metadata=bearer_metadata(token) if token else None)
         threading.Thread(target=self._read, args=(stream,), name="call-replies", daemon=True).start()
 
     def register(self, method: str, holder: str, args: tuple) -> tuple[Pending, bytes | None]:

@@ -40,10 +40,12 @@ MAX_HINT_TOKENS = 8192  # a prompt hint longer than this is cut: placement only 
 class ClusterHost:
     def __init__(self, directory, limits: Limits = Limits(), http_policy: HttpPolicy = HttpPolicy(),
                  bus_limits: BusLimits | None = None, sandbox: Sandbox | None = None, host_id: str | None = None,
-                 bus: RemoteBus | None = None):
+                 bus: RemoteBus | None = None, internal_token: str | None = None):
         """`directory`: a Directory in process or a DirectoryHandle to the actor. `bus`: the cluster's
-        message bus (default: one of this host's own, shared by its inferlets on every worker)."""
+        message bus (default: one of this host's own, shared by its inferlets on every worker).
+        `internal_token`: what the workers require (default: the directory's)."""
         self.directory = directory
+        self.internal_token = internal_token or directory.internal_token()
         self.limits = limits
         self.sandbox = sandbox or Sandbox()
         self.host_id = host_id or secrets.token_hex(4)
@@ -128,7 +130,8 @@ class ClusterHost:
             if remote is not None and not remote.broken:
                 return remote
         target = self.directory.target(worker_id)
-        remote = RemoteWorker(target, on_broken=lambda reason: self._lost(worker_id, target, reason))
+        remote = RemoteWorker(target, on_broken=lambda reason: self._lost(worker_id, target, reason),
+                              token=self.internal_token)
         with self._lock:
             self._connections[worker_id] = remote
         return remote

@@ -36,8 +36,10 @@ class HostLink:
     """One inferlet host as the gateway sees it. `locate()` answers (host_id, target) and may block
     until a restarted host is up again."""
 
-    def __init__(self, locate: Callable[[], tuple[str, str]]):
+    def __init__(self, locate: Callable[[], tuple[str, str]], token: str | None = None):
+        """`token`: the hosts' (the cluster's internal token)."""
         self._locate = locate
+        self._token = token
         self._lock = threading.Lock()
         self.running = 0  # inferlets this gateway runs there now
         self.client: PieClient | None = None
@@ -48,7 +50,7 @@ class HostLink:
         with self._lock:
             if self.client is None:
                 self.host_id, self.target = self._locate()
-                self.client = PieClient(self.target, timeout_s=60.0)
+                self.client = PieClient(self.target, token=self._token, timeout_s=60.0)
                 self._uploaded = set()
             return self.client
 

@@ -8,12 +8,8 @@ worker releases every inferlet that called through it: a host that dies leaks no
 from __future__ import annotations
 
 import dataclasses
-from concurrent import futures
 
-import grpc
-
-from cluster.call_stream import CallServicer
-from cluster.frames import MESSAGE_LIMITS
+from cluster.call_stream import CallServer, CallServicer
 from cluster.local_worker import LocalWorker
 from cluster.proto import worker_pb2_grpc
 
@@ -40,17 +36,12 @@ class WorkerServicer(CallServicer):
             hold=w.hold, flush=w.flush)  # one wake-up of the executor thread for a frame's passes
 
 
-class WorkerServer:
-    """A LocalWorker served on host:port (port 0: any free one); `target` is what hosts dial."""
+class WorkerServer(CallServer):
+    """A LocalWorker served on address:port (port 0: any free one); `target` is what hosts dial.
+    With `token`, only hosts that send it are served."""
 
-    def __init__(self, worker: LocalWorker, address: str = "127.0.0.1", port: int = 0, max_hosts: int = 64):
+    def __init__(self, worker: LocalWorker, address: str = "127.0.0.1", port: int = 0, max_hosts: int = 64,
+                 token: str | None = None):
         self.worker = worker
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_hosts, thread_name_prefix="worker-rpc"),
-                                   options=[("grpc.so_reuseport", 0), *MESSAGE_LIMITS])
-        worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), self._server)
-        self.port = self._server.add_insecure_port(f"{address}:{port}")
-        self.target = f"{address}:{self.port}"
-        self._server.start()
-
-    def stop(self, grace: float | None = 1.0) -> None:
-        self._server.stop(grace).wait()
+        super().__init__(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer(worker), address, port,
+                         max_hosts, token, "worker")

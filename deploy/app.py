@@ -108,7 +108,7 @@ class AppArgs:
     torch_threads: int | None = None  # per CPU worker (default: the node's cores shared among its workers)
     max_running: int = DEFAULT_MAX_RUNNING  # inferlets running at once, at the gateway and per host
     # where workers and hosts listen: null = each node's address (multi-node); "127.0.0.1" on one machine.
-    # Their handler-call services have no authentication: keep the nodes on a private network
+    # Their services require the cluster's internal token, sent in clear text: keep the nodes on a private network
     bind_address: str | None = None
     # callers must send `authorization: Bearer <token>`; null: the replica's PIE_TOKEN if set (give it
     # through runtime_env.env_vars rather than writing a token into the config), else no authentication

@@ -99,3 +99,21 @@ def test_a_bus_that_cannot_be_found_is_unavailable_not_a_crash():
         host.subscribe("inferlet-a", "news")
     assert host.pull("inferlet-a", "jobs", 1.0).error is not None  # a waiting call fails as a Pending
     host.drop("inferlet-a")  # and dropping an inferlet never raises
+
+
+def test_a_bus_with_a_token_serves_only_hosts_that_send_it(timers):
+    server = BusServer(MessageBus(BusLimits(), timers), token="cluster-secret")
+    try:
+        stranger = RemoteBus(lambda: server.target, timeout_s=10)
+        with pytest.raises(BusUnavailable, match="UNAUTHENTICATED.*needs a token"):
+            stranger.store_set("k", "v")
+        wrong = RemoteBus(lambda: server.target, timeout_s=10, token="guess")
+        with pytest.raises(BusUnavailable, match="UNAUTHENTICATED.*wrong"):
+            wrong.store_keys()
+        member = RemoteBus(lambda: server.target, timeout_s=10, token="cluster-secret")
+        member.store_set("k", "v")
+        assert member.store_get("k") == "v"
+        for host in (stranger, wrong, member):
+            host.close()
+    finally:
+        server.stop(0)

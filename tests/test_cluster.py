@@ -145,7 +145,8 @@ def message_across_hosts(cluster, topic: str, queue: str) -> None:
     queue message and the store all cross hosts, through the cluster's one bus."""
     probe = build("tests/inferlets/api_probe.py")
     targets = [ray.get(h.address.remote())[1] for h in cluster.hosts]
-    with PieClient(targets[0]) as first, PieClient(targets[1]) as second:
+    token = cluster.internal_token  # a host serves only the cluster's own callers
+    with PieClient(targets[0], token=token) as first, PieClient(targets[1], token=token) as second:
         events = iter(first.launch(first.upload(probe), ["subscriber", topic, queue]))
         assert isinstance(next(events), Started)
         assert next(events).text == "subscribed"
@@ -160,6 +161,31 @@ def message_across_hosts(cluster, topic: str, queue: str) -> None:
 
 def test_inferlets_on_different_hosts_message_each_other_through_the_clusters_bus(cluster):
     message_across_hosts(cluster, "cluster-news", "cluster-jobs")
+
+
+def test_the_clusters_own_services_refuse_callers_without_its_token(cluster):
+    """Workers, hosts and the bus listen on the nodes' addresses: without the cluster's internal token a
+    caller reads no pages, launches nothing and hears no messages."""
+    from cluster.bus_service import BusUnavailable, RemoteBus
+    from cluster.remote_worker import RemoteWorker, WorkerUnavailable
+
+    token = cluster.internal_token
+    assert token and len(token) >= 24
+    worker_target = cluster.directory.target("worker-0")
+    with pytest.raises(WorkerUnavailable, match="UNAUTHENTICATED"):
+        RemoteWorker(worker_target, timeout_s=30)
+    with pytest.raises(WorkerUnavailable, match="UNAUTHENTICATED.*wrong"):
+        RemoteWorker(worker_target, timeout_s=30, token="not-the-token")
+    RemoteWorker(worker_target, timeout_s=30, token=token).close()  # the right one is served
+    host_target = ray.get(cluster.hosts[0].address.remote())[1]
+    with PieClient(host_target) as stranger, pytest.raises(RequestFailed, match="UNAUTHENTICATED"):
+        stranger.list()
+    with PieClient(host_target, token=token) as member:
+        assert member.list() is not None
+    bus = RemoteBus(cluster.directory.bus_target, timeout_s=30)
+    with pytest.raises(BusUnavailable, match="UNAUTHENTICATED"):
+        bus.store_keys()
+    bus.close()
 
 
 def test_health_sums_both_workers(client):

@@ -14,6 +14,7 @@ start the cluster through here.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,8 +48,13 @@ class ClusterSpec:
     worker_resources: dict = field(default_factory=dict)  # e.g. {"num_gpus": 1}; {} asks Ray for nothing
     max_running: int = DEFAULT_MAX_RUNNING  # per host, and at the gateway
     # where workers and hosts listen: None = each node's address (multi-node); "127.0.0.1" on one machine.
-    # Their services have no authentication: keep them on a private network
+    # Their services require the cluster's internal token of each other (below); keep them on a private
+    # network all the same: the token travels in clear text
     bind_address: str | None = None
+    # the secret the workers, hosts and message bus require of their callers (gRPC metadata `authorization:
+    # Bearer ...`). None: a random one. The directory keeps the token it was created with: a later
+    # start_cluster that finds the running actors uses theirs, whatever this says
+    internal_token: str | None = None
 
 
 class Cluster:
@@ -61,10 +67,16 @@ class Cluster:
         self.workers = workers  # worker actor handles, in worker-id order
         self.hosts = hosts  # host actor handles
 
+    @property
+    def internal_token(self) -> str | None:
+        """The token the cluster's own services require of each other (the directory keeps it)."""
+        return self.directory.internal_token()
+
     def host_links(self) -> list[HostLink]:
         import ray
 
-        return [HostLink(lambda h=h: tuple(ray.get(h.address.remote()))) for h in self.hosts]
+        token = self.internal_token
+        return [HostLink(lambda h=h: tuple(ray.get(h.address.remote())), token) for h in self.hosts]
 
     def gateway_service(self, store: ProgramStore | None = None) -> GatewayService:
         service = GatewayService(self.host_links(), self.directory, store or ProgramStore(), self.spec.max_running)
@@ -132,7 +144,8 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     directory = ray.remote(Directory).options(
         name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
         max_task_retries=-1,  # a call made while it restarts waits for it instead of failing
-    ).remote(spec.page_size, bus_address=spec.bind_address)
+    ).remote(spec.page_size, bus_address=spec.bind_address,
+              internal_token=spec.internal_token or secrets.token_urlsafe(24))
     # Ray starts actors with OMP_NUM_THREADS=1 (num_cpus of the actor) and at nice 15; torch.set_num_threads
     # alone leaves threads that read the environment at one, and a niced executor loses every core it shares
     threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -23,10 +23,13 @@ NAMESPACE = "pie"  # the Ray namespace of every cluster-mode actor
 
 
 class Directory(KvDirectory):
-    def __init__(self, page_size: int, cache_key: str = "", bus_address: str | None = None):
+    def __init__(self, page_size: int, cache_key: str = "", bus_address: str | None = None,
+                 internal_token: str | None = None):
         """`bus_address`: where the cluster's message bus serves once started (default: the node's
-        address when in Ray, else loopback)."""
+        address when in Ray, else loopback). `internal_token`: the secret the cluster's own services
+        require of each other (see cluster/actors/cluster.py); None: they require nothing."""
         super().__init__(page_size, cache_key)
+        self._internal_token = internal_token
         self._targets: dict[str, str] = {}  # worker id -> its handler-call service, host:port
         self._model: dict | None = None  # worker_service.describe() of the first worker
         self._meta_lock = threading.Lock()
@@ -80,8 +83,13 @@ class Directory(KvDirectory):
         when an inferlet first messages. It restarts, empty, with the directory."""
         with self._meta_lock:
             if self._bus is None:
-                self._bus = BusServer(MessageBus(BusLimits(), Timers()), address=self._bus_address or _node_address())
+                self._bus = BusServer(MessageBus(BusLimits(), Timers()), address=self._bus_address or _node_address(),
+                                      token=self._internal_token)
             return self._bus.target
+
+    def internal_token(self) -> str | None:
+        """The token the workers, hosts and bus of this cluster require of their callers."""
+        return self._internal_token
 
 
 def _node_address() -> str:

@@ -42,10 +42,12 @@ class HostActor:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         directory = DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE))
+        token = directory.internal_token()  # what the workers and the bus require, and this host of the gateway
         # the cluster's message bus runs in the directory's process; found when an inferlet first messages
-        self.host = ClusterHost(directory, limits, bus=RemoteBus(directory.bus_target))
+        self.host = ClusterHost(directory, limits, bus=RemoteBus(directory.bus_target, token=token),
+                                internal_token=token)
         service = HostService(self.host, ProgramStore(), max_running)
-        self.server = serve_service(service, port=0, address=address or ray.util.get_node_ip_address())
+        self.server = serve_service(service, port=0, address=address or ray.util.get_node_ip_address(), token=token)
 
     def address(self) -> tuple[str, str]:
         """(host id, target of its client API)."""

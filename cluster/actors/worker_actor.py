@@ -54,8 +54,9 @@ class WorkerActor:
             log.error("worker %s cannot load its model: %s", worker_id, e)
             return
         self.worker = LocalWorker(executor, policy)
-        self.server = WorkerServer(self.worker, address=address or ray.util.get_node_ip_address())
         self.directory = DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE))
+        self.server = WorkerServer(self.worker, address=address or ray.util.get_node_ip_address(),
+                                   token=self.directory.internal_token())  # only the cluster's hosts
         self._join()
         log.info("worker %s serves %s (%d KV pages) at %s", worker_id, executor.info.name, executor.info.num_pages,
                  self.server.target)
