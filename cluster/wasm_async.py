@@ -55,14 +55,23 @@ class CallStats:
 import_stats = CallStats()
 
 
-class _AsyncImport:
-    """One async import: the Python start function and (after its first call) its result type."""
+class _Import:
+    """One import: its Python function (a sync import's value, an async import's start returning a
+    Pending) and, after its first call, its parameter and result types."""
 
-    def __init__(self, name: str, start: Callable[..., Pending]):
+    def __init__(self, name: str, fn: Callable):
         self.name = name
-        self.start = start
+        self.fn = fn
         self.param_types = None
         self.result_type = None
+
+    def arguments(self, fty_raw, args, nargs: int) -> list:
+        """The call's arguments as Python values (the types are read on the first call only)."""
+        if self.param_types is None:
+            fty = FuncType._from_ptr(fty_raw, owner=self)  # borrowed: wasmtime owns it
+            self.param_types = [ty for _, ty in fty.params]
+            self.result_type = fty.result
+        return [ty.convert_from_c(args[i]) for i, ty in enumerate(self.param_types[:nargs])]
 
 
 class _InFlight:
@@ -70,12 +79,12 @@ class _InFlight:
 
     __slots__ = ("imp", "pending", "results", "context")
 
-    def __init__(self, imp: _AsyncImport, pending: Pending, results, context: int):
+    def __init__(self, imp: _Import, pending: Pending, results, context: int):
         self.imp, self.pending, self.results, self.context = imp, pending, results, context
 
 
 _lock = threading.Lock()
-_imports: dict[int, _AsyncImport] = {}  # env id -> import (ids stay valid until the linker drops them)
+_imports: dict[int, _Import] = {}  # env id -> import (ids stay valid until the linker drops them)
 _in_flight: dict[int, _InFlight] = {}  # env id of a continuation -> its call
 _failed: dict[int, str] = {}  # store context address -> why an async import could not answer its guest
 _ids = itertools.count(1)
@@ -117,11 +126,7 @@ def _start(env, context, fty_raw, args, nargs, results, nresults, error_ret, con
     t0 = time.perf_counter()
     imp = _imports[env or 0]
     try:
-        if imp.param_types is None:
-            fty = FuncType._from_ptr(fty_raw, owner=imp)  # borrowed: wasmtime owns it
-            imp.param_types = [ty for _, ty in fty.params]
-            imp.result_type = fty.result
-        pending = imp.start(*[ty.convert_from_c(args[i]) for i, ty in enumerate(imp.param_types[:nargs])])
+        pending = imp.fn(*imp.arguments(fty_raw, args, nargs))
     except Exception as e:  # a host bug (start's contract is to return a Pending): trap the guest
         error_ret[0] = _trap(imp, e)
         return
@@ -135,7 +140,7 @@ def _start(env, context, fty_raw, args, nargs, results, nresults, error_ret, con
     import_stats.seconds += time.perf_counter() - t0
 
 
-def _trap(imp: _AsyncImport, error: Exception):
+def _trap(imp: _Import, error: Exception):
     """The error that ends the guest's call when a host function breaks its contract. An exception
     escaping a ctypes callback would abort the whole process instead."""
     return ffi.wasmtime_error_new(ctypes.create_string_buffer(f"import {imp.name} failed: {error!r}".encode()))
@@ -146,11 +151,7 @@ def _call_sync(env, context, fty_raw, args, nargs, results, nresults):
     t0 = time.perf_counter()
     imp = _imports[env or 0]
     try:
-        if imp.param_types is None:
-            fty = FuncType._from_ptr(fty_raw, owner=imp)  # borrowed: wasmtime owns it
-            imp.param_types = [ty for _, ty in fty.params]
-            imp.result_type = fty.result
-        value = imp.start(*[ty.convert_from_c(args[i]) for i, ty in enumerate(imp.param_types[:nargs])])
+        value = imp.fn(*imp.arguments(fty_raw, args, nargs))
         if imp.result_type is not None:
             imp.result_type.convert_to_c(None, value, results)
     except Exception as e:  # a host bug (fn's contract is to return the import's value): trap the guest
@@ -165,14 +166,7 @@ def add_sync_func(linker_instance: LinkerInstance, name: str, fn: Callable[..., 
     """Define import `name` answering at once: fn(*args) -> its value. A plain (synchronous) host
     function: no continuation, no Pending. Unlike wasmtime-py's own add_func, the import's types
     are read once, not on every call."""
-    env = next(_ids)
-    with _lock:
-        _imports[env] = _AsyncImport(name, fn)
-    encoded = name.encode()
-    error = ffi.wasmtime_component_linker_instance_add_func(
-        linker_instance.ptr(), ctypes.create_string_buffer(encoded), len(encoded), _call_sync, env, _forget_import)
-    if error:
-        raise wasmtime.WasmtimeError._from_ptr(error)
+    _define(ffi.wasmtime_component_linker_instance_add_func, linker_instance, name, fn, _call_sync)
 
 
 def add_async_func(linker_instance: LinkerInstance, name: str, start: Callable[..., Pending]) -> None:
@@ -181,12 +175,15 @@ def add_async_func(linker_instance: LinkerInstance, name: str, start: Callable[.
     start runs on the polling thread and must not block; it must also not raise (return a
     Pending holding the import's error value instead): an exception here would trap the guest.
     """
+    _define(ffi.wasmtime_component_linker_instance_add_func_async, linker_instance, name, start, _start)
+
+
+def _define(add, linker_instance: LinkerInstance, name: str, fn: Callable, callback) -> None:
     env = next(_ids)
     with _lock:
-        _imports[env] = _AsyncImport(name, start)
+        _imports[env] = _Import(name, fn)
     encoded = name.encode()
-    error = ffi.wasmtime_component_linker_instance_add_func_async(
-        linker_instance.ptr(), ctypes.create_string_buffer(encoded), len(encoded), _start, env, _forget_import)
+    error = add(linker_instance.ptr(), ctypes.create_string_buffer(encoded), len(encoded), callback, env, _forget_import)
     if error:
         raise wasmtime.WasmtimeError._from_ptr(error)
 
