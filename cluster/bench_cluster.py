@@ -1,6 +1,7 @@
 """Cluster mode versus embedded mode: time per output token at the same load, in one run.
 
-    python -m cluster.bench_cluster [--concurrency 1 8] [--tokens 48] [--repeats 3] [--workers 1] [--json OUT]
+    python -m cluster.bench_cluster [--concurrency 1 8] [--tokens 48] [--repeats 3] [--workers 1]
+                                    [--torch-threads N] [--json OUT]
 
 Both sides serve the client API over loopback gRPC and are measured by the same client: c
 text_completion inferlets (--ignore-eos, so each makes exactly --tokens tokens) launched
@@ -74,14 +75,18 @@ def step_stats(steps: list[tuple[int, float]]) -> dict:
     return {"passes_per_step": statistics.mean(p for p, _ in steps), "exec_ms": 1e3 * statistics.mean(e for _, e in steps)}
 
 
-def embedded(dtype: str):
+def embedded(dtype: str, torch_threads: int | None = None):
     """`pie serve`'s stack in this process; returns (target, stop, steps)."""
+    import torch
+
     from cluster.grpc_server import InferletService
     from cluster.inferlet_host import InferletHost
     from cluster.program_store import ProgramStore
     from workers.load_thread import load_on_thread
     from workers.torch_executor import TorchExecutor
 
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     host = InferletHost(load_on_thread(lambda: TorchExecutor.load(None, dtype=dtype)))
     server = serve_service(InferletService(host, ProgramStore()), port=0)
     def steps():  # the steps since the last call
@@ -92,14 +97,15 @@ def embedded(dtype: str):
     return server.target, lambda: (server.stop(0), host.close()), steps
 
 
-def clustered(dtype: str, workers: int):
+def clustered(dtype: str, workers: int, torch_threads: int | None = None):
     """`pie serve --ray`'s stack on a local Ray; returns (target, stop, steps)."""
     import ray
 
     from cluster.actors.cluster import ClusterSpec, init_local_ray, start_cluster
 
     init_local_ray(log_to_driver=False)
-    cluster = start_cluster(ClusterSpec(workers=workers, hosts=1, dtype=dtype, bind_address="127.0.0.1"))
+    cluster = start_cluster(ClusterSpec(workers=workers, hosts=1, dtype=dtype, bind_address="127.0.0.1",
+                                        torch_threads=torch_threads))
     server = serve_service(cluster.gateway_service(), port=0)
     steps = lambda: [s for w in cluster.workers for s in ray.get(w.steps.remote(drain=True))]
     return server.target, lambda: (server.stop(0), ray.shutdown()), steps
@@ -112,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="threads of each side's step (default: the machine's cores); fewer leave cores to the rest")
     ap.add_argument("--json", default=None, help="also write the results here")
     opts = ap.parse_args(argv)
     program = build(PROGRAM)
-    results: dict = {"cores": os.cpu_count(), "tokens": opts.tokens, "workers": opts.workers, "rows": {},
-                     "repeats": []}
-    starts = {"embedded": lambda: embedded(opts.dtype), "cluster": lambda: clustered(opts.dtype, opts.workers)}
+    results: dict = {"cores": os.cpu_count(), "tokens": opts.tokens, "workers": opts.workers,
+                     "torch_threads": opts.torch_threads, "rows": {}, "repeats": []}
+    starts = {"embedded": lambda: embedded(opts.dtype, opts.torch_threads),
+              "cluster": lambda: clustered(opts.dtype, opts.workers, opts.torch_threads)}
     runs: dict[str, list[dict]] = {}
     for r in range(opts.repeats):  # each repeat runs both modes, first one then the other, alternating
         order = ("embedded", "cluster") if r % 2 == 0 else ("cluster", "embedded")
