@@ -22,10 +22,10 @@ from typing import Callable
 
 from wasmtime import component as wc
 
+from cluster.bus_service import RemoteBus
 from cluster.cluster_worker import ClusterWorker
 from cluster.http_client import HttpPolicy
 from cluster.inferlet_host import InferletHost, Outcome, RunningInferlet, load_component
-from cluster.bus_service import RemoteBus
 from cluster.messaging import BusLimits, MessageBus
 from cluster.remote_worker import RemoteWorker
 from cluster.sandbox import Limits, Sandbox
@@ -50,9 +50,9 @@ class ClusterHost:
         self.sandbox = sandbox or Sandbox()
         self.host_id = host_id or secrets.token_hex(4)
         self._http_policy = http_policy
-        self._bus_timers = None if bus else Timers()
-        self.bus = bus or MessageBus(bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes),
-                                     self._bus_timers)
+        self._bus_timers = Timers() if bus is None else None
+        self.bus = bus if bus is not None else MessageBus(
+            bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes), self._bus_timers)
         self._lock = threading.Lock()
         self._connections: dict[str, RemoteWorker] = {}  # worker id -> live connection
         self._hosts: dict[str, InferletHost] = {}  # worker id -> the host of the inferlets placed there

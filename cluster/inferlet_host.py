@@ -18,12 +18,12 @@ from typing import Callable
 from wasmtime import component as wc
 
 from cluster.batcher import BatchPolicy
+from cluster.bus_service import RemoteBus
 from cluster.errors import InvalidComponentError
 from cluster.host_services import HostServices
 from cluster.http_client import HttpClient, HttpPolicy
 from cluster.inferlet_build import build
 from cluster.local_worker import LocalWorker
-from cluster.bus_service import RemoteBus
 from cluster.messaging import BusLimits, MessageBus
 from cluster.remote_worker import RemoteWorker
 from cluster.sandbox import Limits, Sandbox
@@ -102,7 +102,7 @@ class InferletHost:
         self._owns_worker = worker is None
         self.services = HostServices(
             worker=self.worker,
-            bus=bus or MessageBus(bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes), timers),
+            bus=bus if bus is not None else MessageBus(bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes), timers),
             http=HttpClient(http_policy), timers=timers)
         self.scheduler = Scheduler(self.sandbox, timers, hold=self.worker.hold, flush=self.worker.flush)
         # instance ids are unique across hosts: a worker serves many, and pages belong to instances

@@ -76,7 +76,6 @@ class Directory(KvDirectory):
         return {"model": model, "free_pages": sum(w.free_pages for w in live),
                 "total_pages": sum(w.num_pages for w in live)}
 
-
     def bus_target(self) -> str:
         """Where the cluster's message bus serves: one MessageBus for every host's inferlets, run in
         this process (not an actor of its own, whose idle wake-ups every node would pay) and started

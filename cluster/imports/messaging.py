@@ -1,5 +1,5 @@
 """messaging: topics, queues and the key-value store shared by the inferlets of this host (embedded) or of the
-whole cluster (cluster mode: the bus actor, see cluster/bus_service.py)."""
+whole cluster (cluster mode: the bus in the directory actor's process, see cluster/bus_service.py)."""
 from __future__ import annotations
 
 from cluster.imports._common import raw, sync, timeout_s, waiting
