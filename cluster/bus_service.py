@@ -76,8 +76,7 @@ class RemoteBus:
             return self._conn
 
     def _sync(self, method: str, holder: str, *args):
-        conn = self._connection()
-        return conn.wait(conn.call(method, holder, *args))
+        return self._connection().sync(method, holder, *args)
 
     def _later(self, method: str, holder: str, *args) -> Pending:
         try:

@@ -36,7 +36,6 @@ class RemoteWorker:
         """Connects to the worker at `target` and asks it for its model. `on_broken(reason)` runs
         once, on the reader thread, when the connection is lost. `token`: the worker's, if it has one."""
         self.target = target
-        self.timeout_s = timeout_s
         self._holder: int | None = None  # the thread whose passes wait for flush()
         self._held: list[bytes] = []
         self._held_since = 0.0  # perf_counter() of the oldest held pass

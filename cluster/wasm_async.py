@@ -6,8 +6,11 @@ async ones, and this module is the one place that touches them (pinned: wasmtime
 - `add_async_func(linker_instance, name, start)`: an import whose host side may wait. When
   the guest calls it, `start(*args)` runs and returns a Pending; the guest stays suspended
   until that Pending is done, while the thread polls other instances.
-- `add_sync_func(linker_instance, name, fn)`: an import answering at once, through the same
-  path (its value types are read once per import, not on every call).
+- `add_sync_func(linker_instance, name, fn)`: an import answering at once, `fn(*args)` its value:
+  a plain synchronous host function (its value types are read once per import, not on every call).
+- A host function that breaks its contract (raises, or answers a value that does not fit the
+  import's type) ends the guest's call with an error naming the import, rather than aborting
+  the process from inside a ctypes callback or leaving the guest suspended.
 - `instantiate(linker, store, component)`: async instantiation (required once a linker has
   async imports), polled to completion.
 - `AsyncCall(store, func, args)`: an export call in flight. `poll()` runs the guest until it
