@@ -25,14 +25,14 @@ from workers.errors import WorkerError
 
 
 def _build(opts) -> int:
-    from cluster.inferlet_build import build
+    from cluster.runtime.inferlet_build import build
 
     print(build(opts.source, opts.output))
     return 0
 
 
 def _run(opts) -> int:
-    from cluster.inferlet_host import InferletHost
+    from cluster.runtime.inferlet_host import InferletHost
     from workers.load_thread import load_on_thread
     from workers.torch_executor import TorchExecutor
 
@@ -47,7 +47,7 @@ def _run(opts) -> int:
 
 
 def _serve(opts) -> int:
-    from cluster.grpc_server import DEFAULT_MAX_RUNNING, serve_service
+    from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, serve_service
 
     max_running = opts.max_running or DEFAULT_MAX_RUNNING
     service, what, close = (_ray_service if opts.ray else _embedded_service)(opts, max_running)
@@ -72,9 +72,9 @@ def _serve(opts) -> int:
 
 def _embedded_service(opts, max_running: int):
     """The embedded engine: one executor in this process."""
-    from cluster.grpc_server import InferletService
-    from cluster.inferlet_host import InferletHost
-    from cluster.program_store import ProgramStore
+    from cluster.api.grpc_server import InferletService
+    from cluster.runtime.inferlet_host import InferletHost
+    from cluster.api.program_store import ProgramStore
     from workers.load_thread import load_on_thread
     from workers.torch_executor import TorchExecutor
 
@@ -108,12 +108,12 @@ def _ray_service(opts, max_running: int):
 
 
 def _submit(opts) -> int:
-    from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFailed
+    from cluster.api.grpc_client import Failed, Finished, Message, PieClient, RequestFailed
 
     program = opts.program
     try:
         if program.endswith(".py"):
-            from cluster.inferlet_build import build
+            from cluster.runtime.inferlet_build import build
 
             program = build(program)
         elif not program.endswith(".wasm"):

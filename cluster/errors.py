@@ -47,3 +47,53 @@ class UnknownInferlet(InferletError):
 
 class HostBusy(InferletError):
     """The server already runs as many inferlets as it allows."""
+
+
+# -- the KV-page directory (cluster mode; raised through both modes' client APIs) --------------
+
+class DirectoryError(InferletError):
+    """Base of every error the KV-page directory raises."""
+
+
+class InvalidDirectoryRequest(DirectoryError):
+    """An argument is malformed: a bad name, a page out of range, more tokens than pages hold."""
+
+
+class ExportNameTaken(DirectoryError):
+    """The export name is already in use somewhere in the cluster."""
+
+
+class UnknownExport(DirectoryError):
+    """Nothing is exported under this name."""
+
+
+class NotExportOwner(DirectoryError):
+    """A non-persistent export may be unexported only by the inferlet that exported it."""
+
+
+class UnknownWorker(DirectoryError):
+    """No worker with this id has registered (or it was forgotten)."""
+
+
+class WorkerDead(DirectoryError):
+    """The worker is registered but marked dead; it must register again to be used."""
+
+
+class NoLiveWorker(DirectoryError):
+    """No live worker is registered, so nothing can be placed."""
+
+
+class UnknownOwner(DirectoryError):
+    """No running inferlet with this instance id is known to the directory."""
+
+
+class OwnerExists(DirectoryError):
+    """An inferlet with this instance id is already running."""
+
+
+class DirectoryUnavailable(DirectoryError):
+    """The directory cannot be reached (its actor is down or restarting)."""
+
+
+class DirectoryInvariantBroken(DirectoryError):
+    """The directory's own bookkeeping disagrees with itself: a bug, never a user error."""

@@ -46,8 +46,8 @@ import grpc
 from ray import serve
 
 from cluster.actors.cluster import ClusterSpec, start_cluster
-from cluster.grpc_auth import BearerTokenAuth
-from cluster.grpc_server import DEFAULT_MAX_RUNNING, UNARY_THREADS
+from cluster.rpc.grpc_auth import BearerTokenAuth
+from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, UNARY_THREADS
 from cluster.proto import pie_pb2
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log (logs/serve/replica_*.log)

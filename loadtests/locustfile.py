@@ -20,7 +20,7 @@ already holds it answers at once).
 
 Run by locust in its own process: this file must not import torch, transformers or ray (locust's
 gevent monkey-patching breaks ssl beside them); it imports only the generated gRPC stubs and
-cluster.grpc_client / grpc_auth, which import nothing else (tests/test_loadtest.py checks).
+cluster.api.grpc_client / grpc_auth, which import nothing else (tests/test_loadtest.py checks).
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ from locust import User, constant, events, task
 from locust.exception import StopUser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from cluster.grpc_auth import bearer_metadata  # noqa: E402
-from cluster.grpc_client import PieClient, RequestFailed  # noqa: E402  (grpc and the stubs only)
+from cluster.rpc.grpc_auth import bearer_metadata  # noqa: E402
+from cluster.api.grpc_client import PieClient, RequestFailed  # noqa: E402  (grpc and the stubs only)
 from cluster.proto import pie_pb2, pie_pb2_grpc  # noqa: E402
 
 grpc.experimental.gevent.init_gevent()  # before any channel: gRPC's waits yield to other greenlets

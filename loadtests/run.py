@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cluster.grpc_client import PieClient, RequestFailed  # noqa: E402  (grpc and the stubs only)
+from cluster.api.grpc_client import PieClient, RequestFailed  # noqa: E402  (grpc and the stubs only)
 
 EXAMPLE = ROOT / "inferlets" / "examples" / "text_completion.py"
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from cluster.batcher import Batcher, BatchPolicy
+from cluster.worker.batcher import Batcher, BatchPolicy
 from helpers import allocated, full_logprobs, make_request, max_abs_diff, pages_needed, step_logprobs
 from workers import Sampler, pack_batch
 

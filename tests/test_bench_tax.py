@@ -1,7 +1,7 @@
 """The programmability-tax benchmark runs both sides to equal lengths and writes its table and JSON."""
 import json
 
-from cluster import bench_tax
+from cluster.bench import tax as bench_tax
 
 
 def test_bench_tax_measures_both_sides_at_each_concurrency(tmp_path, capsys, smollm2):

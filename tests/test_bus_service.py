@@ -2,10 +2,10 @@
 one MessageBus behind a BusServer."""
 import pytest
 
-from cluster.bus_service import BusServer, BusUnavailable, RemoteBus
+from cluster.rpc.bus_service import BusServer, BusUnavailable, RemoteBus
 from cluster.errors import MessagingError
-from cluster.messaging import BusLimits, MessageBus
-from cluster.timers import Timers
+from cluster.services.messaging import BusLimits, MessageBus
+from cluster.services.timers import Timers
 from helpers import wait_until
 
 

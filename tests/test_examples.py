@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.inferlet_host import InferletHost
+from cluster.runtime.inferlet_host import InferletHost
 from helpers import settled
 from workers.decode_loop import generate
 

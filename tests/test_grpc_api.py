@@ -17,11 +17,11 @@ import grpc
 import pytest
 import wasmtime
 
-from cluster.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started
-from cluster.grpc_server import serve
-from cluster.inferlet_build import build
-from cluster.inferlet_host import InferletHost
-from cluster.program_store import program_id_of
+from cluster.api.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started
+from cluster.api.grpc_server import serve
+from cluster.runtime.inferlet_build import build
+from cluster.runtime.inferlet_host import InferletHost
+from cluster.api.program_store import program_id_of
 from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.batcher import BatchPolicy
-from cluster.inferlet_build import build
-from cluster.inferlet_host import InferletHost
-from cluster.local_worker import LocalWorker
-from cluster.page_registry import PageRefused
-from cluster.remote_worker import RemoteWorker, WorkerUnavailable
-from cluster.worker_service import WorkerServer
+from cluster.worker.batcher import BatchPolicy
+from cluster.runtime.inferlet_build import build
+from cluster.runtime.inferlet_host import InferletHost
+from cluster.worker.local_worker import LocalWorker
+from cluster.worker.page_registry import PageRefused
+from cluster.rpc.remote_worker import RemoteWorker, WorkerUnavailable
+from cluster.rpc.worker_service import WorkerServer
 from helpers import make_request, wait_until
 from workers.errors import InvalidRequestError
 from workers.step_types import ForwardRequest, Sampler

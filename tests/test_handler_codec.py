@@ -6,11 +6,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from cluster import handler_codec as codec
-from cluster.handler_codec import (ERROR_KINDS, Call, CodecError, RemoteError, Reply, decode_call, decode_reply,
+from cluster.rpc import handler_codec as codec
+from cluster.rpc.handler_codec import (ERROR_KINDS, Call, CodecError, RemoteError, Reply, decode_call, decode_reply,
                                    decode_value, encode_call, encode_reply, encode_value)
-from cluster.kv_directory import ExportNameTaken
-from cluster.page_registry import PageRefused
+from cluster.errors import ExportNameTaken
+from cluster.worker.page_registry import PageRefused
 from workers import ForwardRequest, InvalidRequestError, OutputResult, Sampler
 
 VOCAB = 49157  # not a multiple of 8: the packed logit mask has a partial last byte
@@ -218,6 +218,8 @@ def test_malformed_payloads_are_refused_when_decoding():
 
 
 def test_micro_benchmark_prints_its_numbers(capsys):
-    codec.main(repeats=3)
+    from cluster.bench import codec as codec_bench
+
+    codec_bench.main(repeats=3)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all("encode+decode" in line and line.endswith(" us") for line in lines)

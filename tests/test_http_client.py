@@ -8,7 +8,7 @@ import time
 import pytest
 
 from cluster.errors import HttpDenied, HttpFailed
-from cluster.http_client import HttpClient, HttpPolicy, HttpResponse
+from cluster.services.http_client import HttpClient, HttpPolicy, HttpResponse
 
 WAIT = 5.0  # seconds a test waits for a request that should finish quickly; only hit on failure
 SLOW_S = 2.0  # how long /slow sleeps; the client's timeout in the timeout tests is 0.3 s

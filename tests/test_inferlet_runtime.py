@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from cluster.errors import BuildError, InvalidComponentError
-from cluster.inferlet_build import build
-from cluster.http_client import HttpPolicy
-from cluster.inferlet_host import InferletHost
-from cluster.sandbox import Limits
-from cluster.wit_values import Refused
+from cluster.runtime.inferlet_build import build
+from cluster.services.http_client import HttpPolicy
+from cluster.runtime.inferlet_host import InferletHost
+from cluster.runtime.sandbox import Limits
+from cluster.runtime.wit_values import Refused
 from helpers import allocated, full_logprobs, make_request, settled, step_logprobs
 
 PROBE = Path(__file__).parent / "inferlets" / "api_probe.py"

@@ -4,12 +4,14 @@ import threading
 
 import pytest
 
-from cluster import kv_directory as kvd
+from cluster.actors import kv_directory as kvd
 from cluster.errors import InferletError
-from cluster.kv_directory import (CopyPlan, DirectoryError, DirectoryInvariantBroken, DropHolder, EndExport,
-                                  ExportNameTaken, InvalidDirectoryRequest, KvDirectory, NoLiveWorker,
-                                  NotExportOwner, OwnerExists, UnknownExport, UnknownOwner, UnknownWorker,
-                                  WorkerDead, block_hashes, tokens_from_sdk_meta)
+from cluster.actors.directory_records import CopyPlan, DropHolder, EndExport, PrefixMatch, Reclaimed
+from cluster.actors.kv_directory import KvDirectory
+from cluster.errors import (DirectoryError, DirectoryInvariantBroken, ExportNameTaken, InvalidDirectoryRequest,
+                            NoLiveWorker, NotExportOwner, OwnerExists, UnknownExport, UnknownOwner, UnknownWorker,
+                            WorkerDead)
+from cluster.worker.prefix_hashes import block_hashes, tokens_from_sdk_meta
 
 PS = 4  # page size of these tests: short prompts still span several pages
 
@@ -107,7 +109,7 @@ def test_bad_arguments_are_refused_with_the_cause(d):
 
 
 def test_export_name_limit_matches_the_page_registry():
-    from cluster.page_registry import MAX_EXPORT_NAME_BYTES
+    from cluster.worker.page_registry import MAX_EXPORT_NAME_BYTES
     assert kvd.MAX_EXPORT_NAME_BYTES == MAX_EXPORT_NAME_BYTES
 
 
@@ -149,7 +151,7 @@ def test_host_death_ends_every_owner_on_that_host(d):
                                        DropHolder("w0", "a"), DropHolder("w1", "b")}
     assert d.list_exports() == ["b2", "c1"]
     assert d.owner("c").host_id == "h1"
-    assert d.host_died("h0") == kvd.Reclaimed()  # nothing left there
+    assert d.host_died("h0") == Reclaimed()  # nothing left there
 
 
 # -- workers dying ---------------------------------------------------------------------------------
@@ -174,13 +176,13 @@ def test_worker_death_drops_its_exports_and_placement_skips_it(d):
         d.add_owner("x", "h0", "w0")
     with pytest.raises(WorkerDead):
         d.report_load("w0", 3)
-    assert d.worker_died("w0") == kvd.Reclaimed()  # noticed twice: once is enough
+    assert d.worker_died("w0") == Reclaimed()  # noticed twice: once is enough
     d.check_invariants()
     d.worker_died("w1")
     with pytest.raises(NoLiveWorker, match="no live GPU worker"):
         d.place()
     # Ray restarts it: it registers again with an empty cache and takes inferlets
-    assert d.register("w0", 64) == kvd.Reclaimed()
+    assert d.register("w0", 64) == Reclaimed()
     assert d.place(tokens(8)) == "w0"
     assert [(w.worker_id, w.live) for w in d.workers()] == [("w0", True), ("w1", False)]
     d.forget("w1")
@@ -284,7 +286,7 @@ def test_placement_picks_the_longest_prefix_then_the_least_loaded(d):
     d.export("a", "short", [1, 2], tokens=system[:8])
     d.export("b", "long", [1, 2, 3], tokens=system)
     prompt = system + [100, 101, 102]
-    assert d.prefix_match(prompt) == kvd.PrefixMatch(12, ("w1",), ("long",))
+    assert d.prefix_match(prompt) == PrefixMatch(12, ("w1",), ("long",))
     assert d.place(prompt) == "w1"  # more loaded than w2, but it holds the longest prefix
     # w0 and w1 both hold 8 of these tokens and run one inferlet each: the id breaks the tie
     assert d.place(system[:8] + [55] * 8) == "w0"

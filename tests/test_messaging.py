@@ -5,9 +5,9 @@ import time
 import pytest
 
 from cluster.errors import MessagingError
-from cluster.messaging import BusLimits, MessageBus
+from cluster.services.messaging import BusLimits, MessageBus
 from cluster.pending import Pending
-from cluster.timers import Timers, sleep
+from cluster.services.timers import Timers, sleep
 
 WAIT = 5.0  # seconds a test waits for something that should happen at once; only hit on failure
 

@@ -2,7 +2,7 @@
 executor's free-page count after every operation (a page goes back only with its last reference)."""
 import pytest
 
-from cluster.page_registry import MAX_EXPORT_NAME_BYTES, PageRefused, PageRegistry
+from cluster.worker.page_registry import MAX_EXPORT_NAME_BYTES, PageRefused, PageRegistry
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def test_a_node_startup_timeout_is_retried(monkeypatch):
 TRAP_AFTER_RAY = """
 import ray
 import wasmtime
-from cluster import fatal_signals  # records wasmtime's trap handlers (its first Engine installs them)
+from cluster.runtime import fatal_signals  # records wasmtime's trap handlers (its first Engine installs them)
 from cluster.actors.cluster import init_local_ray
 engine = wasmtime.Engine()
 store = wasmtime.Store(engine)

@@ -5,9 +5,9 @@ import pytest
 import wasmtime
 from wasmtime.component import Component
 
-from cluster import wasm_async
+from cluster.runtime import wasm_async
 from cluster.pending import Pending
-from cluster.sandbox import Limits, Sandbox
+from cluster.runtime.sandbox import Limits, Sandbox
 
 # run() = now() * 1000 + later(): `now` is defined as a sync import, `later` as an async one
 WAT = """(component

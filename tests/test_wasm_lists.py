@@ -1,4 +1,4 @@
-"""The bulk list converters of cluster/wasm_lists.py against stock wasmtime-py.
+"""The bulk list converters of cluster/runtime/wasm_lists.py against stock wasmtime-py.
 
 The list types come from real components written in WAT text (no guest build): one whose import
 takes list<u32>, list<f32>, list<u8>, list<bool> and list<string>, and one that echoes each scalar
@@ -16,7 +16,7 @@ from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Linker
 from wasmtime.component import _types as T
 
-from cluster import wasm_lists
+from cluster.runtime import wasm_lists
 
 SCALARS = ("u32", "f32", "u8", "bool")
 F32_MAX = struct.unpack("<f", struct.pack("<I", 0x7F7FFFFF))[0]

@@ -1,4 +1,4 @@
-"""The conversions cluster/wasm_type_cache.py replaces (variant lowering, record lifting) against
+"""The conversions cluster/runtime/wasm_type_cache.py replaces (variant lowering, record lifting) against
 stock wasmtime-py: the same C values, the same Python values back, the same errors.
 
 The types come from a real component's import written in WAT (no guest build)."""
@@ -10,7 +10,7 @@ from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Record, Variant
 from wasmtime.component import _types as T
 
-from cluster import wasm_type_cache
+from cluster.runtime import wasm_type_cache
 
 WAT = """(component
   (type $r0 (record (field "a" u32) (field "b" string) (field "c" (list u32)) (field "d" (option u32))))

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, Directory, DirectoryHandle
 from cluster.actors.host_actor import HostActor
 from cluster.actors.worker_actor import WorkerActor
-from cluster.batcher import BatchPolicy
-from cluster.gateway import GatewayService, HostLink
-from cluster.grpc_server import DEFAULT_MAX_RUNNING
-from cluster.program_store import ProgramStore
+from cluster.worker.batcher import BatchPolicy
+from cluster.actors.gateway import GatewayService, HostLink
+from cluster.api.grpc_server import DEFAULT_MAX_RUNNING
+from cluster.api.program_store import ProgramStore
 from workers.errors import ModelLoadError
 
 WORKER_NAME = "pie-worker-{}"

@@ -1,9 +1,9 @@
 """The KV-page directory as a Ray actor, and the synchronous handle hosts and the gateway call it through.
 
-`Directory` is cluster.kv_directory.KvDirectory plus what a cluster needs around it: where each
+`Directory` is cluster.actors.kv_directory.KvDirectory plus what a cluster needs around it: where each
 worker serves its handler calls (its gRPC target, which changes when Ray restarts it) and the
 model the workers run (so a host can tokenize before it has dialled any worker), and the cluster's
-message bus (`bus_target()`, see cluster/bus_service.py). Ray runs it as
+message bus (`bus_target()`, see cluster/rpc/bus_service.py). Ray runs it as
 the named actor DIRECTORY_NAME; `DirectoryHandle` makes its methods plain blocking calls that
 raise the directory's own errors, so cluster code reads the same against a Directory in process
 (tests) or the actor.
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import threading
 
-from cluster.bus_service import BusServer
+from cluster.rpc.bus_service import BusServer
 from cluster.errors import InferletError
-from cluster.kv_directory import DirectoryUnavailable, KvDirectory, NoLiveWorker, Reclaimed
-from cluster.messaging import BusLimits, MessageBus
-from cluster.timers import Timers
+from cluster.actors.directory_records import Reclaimed
+from cluster.actors.kv_directory import KvDirectory
+from cluster.errors import DirectoryUnavailable, NoLiveWorker
+from cluster.services.messaging import BusLimits, MessageBus
+from cluster.services.timers import Timers
 
 DIRECTORY_NAME = "pie-directory"
 NAMESPACE = "pie"  # the Ray namespace of every cluster-mode actor

@@ -1,7 +1,7 @@
 """An inferlet host as a Ray actor: a ClusterHost behind the client API, which the gateway relays to.
 
 The host serves pie.v1.Inferlets on its node's address (any free port); `address()` tells the
-gateway its host id and target. Launches are placed by the directory (see cluster/cluster_host.py)
+gateway its host id and target. Launches are placed by the directory (see cluster/actors/cluster_host.py)
 using the request's prompt hint. Ray restarts a killed host actor; it comes back empty with a new
 id and port, and the gateway dials it again.
 """
@@ -13,13 +13,13 @@ from typing import Callable
 from wasmtime import component as wc
 
 from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, DirectoryHandle
-from cluster.bus_service import RemoteBus
-from cluster.cluster_host import ClusterHost
-from cluster.grpc_server import DEFAULT_MAX_RUNNING, InferletService, serve_service
-from cluster.inferlet_host import Outcome, RunningInferlet
-from cluster.program_store import ProgramStore
+from cluster.rpc.bus_service import RemoteBus
+from cluster.actors.cluster_host import ClusterHost
+from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, InferletService, serve_service
+from cluster.runtime.inferlet_host import Outcome, RunningInferlet
+from cluster.api.program_store import ProgramStore
 from cluster.proto import pie_pb2
-from cluster.sandbox import Limits
+from cluster.runtime.sandbox import Limits
 
 
 class HostService(InferletService):

@@ -17,10 +17,10 @@ import os
 import threading
 
 from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, DirectoryHandle
-from cluster.batcher import BatchPolicy
-from cluster.kv_directory import UnknownWorker
-from cluster.local_worker import LocalWorker
-from cluster.worker_service import WorkerServer, describe
+from cluster.worker.batcher import BatchPolicy
+from cluster.errors import UnknownWorker
+from cluster.worker.local_worker import LocalWorker
+from cluster.rpc.worker_service import WorkerServer, describe
 from workers.errors import ModelLoadError
 
 LOAD_REPORT_S = 1.0

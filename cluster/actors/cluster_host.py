@@ -1,0 +1,164 @@
+"""An inferlet host in cluster mode: inferlets placed by the directory, on workers in other processes.
+
+ClusterHost launches like an InferletHost (same `sandbox`, same `launch` callbacks) but first
+asks the directory where the inferlet goes (`place_owner`: the worker holding the longest cached
+prefix of its prompt hint, else the least loaded) and records it there; the inferlet's end is
+recorded too. Inside, one InferletHost per worker runs the inferlets placed on it (its scheduler
+thread, its ClusterWorker); they share this host's sandbox, its one connection per worker and one
+message bus: the cluster's (a RemoteBus, see cluster/rpc/bus_service.py), or else one of this host's own.
+
+A lost connection marks its worker dead in the directory (unless it already rejoined elsewhere):
+the inferlets on it fail with WorkerUnavailable naming it, and the next launch placed on it (once
+Ray restarted it and it joined again) dials its new address.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import threading
+from pathlib import Path
+from typing import Callable
+
+from wasmtime import component as wc
+
+from cluster.rpc.bus_service import RemoteBus
+from cluster.actors.cluster_worker import ClusterWorker
+from cluster.services.http_client import HttpPolicy
+from cluster.runtime.inferlet_host import InferletHost, Outcome, RunningInferlet, load_component
+from cluster.services.messaging import BusLimits, MessageBus
+from cluster.rpc.remote_worker import RemoteWorker
+from cluster.runtime.sandbox import Limits, Sandbox
+from cluster.services.timers import Timers
+from workers.tokenizer import Tokenizer, TokenizerSpec
+
+log = logging.getLogger("pie.cluster")
+
+MAX_HINT_TOKENS = 8192  # a prompt hint longer than this is cut: placement only needs its start
+
+
+class ClusterHost:
+    def __init__(self, directory, limits: Limits = Limits(), http_policy: HttpPolicy = HttpPolicy(),
+                 bus_limits: BusLimits | None = None, sandbox: Sandbox | None = None, host_id: str | None = None,
+                 bus: RemoteBus | None = None, internal_token: str | None = None):
+        """`directory`: a Directory in process or a DirectoryHandle to the actor. `bus`: the cluster's
+        message bus (default: one of this host's own, shared by its inferlets on every worker).
+        `internal_token`: what the workers require (default: the directory's)."""
+        self.directory = directory
+        self.internal_token = internal_token or directory.internal_token()
+        self.limits = limits
+        self.sandbox = sandbox or Sandbox()
+        self.host_id = host_id or secrets.token_hex(4)
+        self._http_policy = http_policy
+        self._bus_timers = Timers() if bus is None else None
+        self.bus = bus if bus is not None else MessageBus(
+            bus_limits or BusLimits(max_message_bytes=limits.max_message_bytes), self._bus_timers)
+        self._lock = threading.Lock()
+        self._connections: dict[str, RemoteWorker] = {}  # worker id -> live connection
+        self._hosts: dict[str, InferletHost] = {}  # worker id -> the host of the inferlets placed there
+        self._tokenizer: Tokenizer | None = None
+        self._ids = itertools.count(1)
+
+    # -- launching -------------------------------------------------------------------------------
+    def component(self, program: str | Path | wc.Component) -> wc.Component:
+        return load_component(self.sandbox, program)
+
+    def launch(self, program: str | Path | wc.Component, arguments: list[str] = (), limits: Limits | None = None,
+               on_message: Callable[[str], None] | None = None, on_end: Callable[[Outcome], None] | None = None,
+               prompt_hint: str = "", worker_id: str | None = None) -> RunningInferlet:
+        """Place and start an inferlet. `prompt_hint`: text its context will start with, for
+        prefix-affinity placement (optional); `worker_id` places it there instead."""
+        component = self.component(program)
+        with self._lock:
+            instance_id = f"inferlet-{self.host_id}-{next(self._ids)}"
+        if worker_id is None:
+            owner = self.directory.place_owner(instance_id, self.host_id, self._hint_tokens(prompt_hint))
+        else:
+            owner = self.directory.add_owner(instance_id, self.host_id, worker_id)
+
+        def ended(outcome: Outcome) -> None:
+            self._forget(instance_id)
+            if on_end:
+                on_end(outcome)
+
+        try:
+            host = self.host_for(owner.worker_id)
+            return host.launch(component, arguments, limits, on_message, ended, instance_id=instance_id)
+        except BaseException:
+            self._forget(instance_id)
+            raise
+
+    def _forget(self, instance_id: str) -> None:
+        """The inferlet ended: the directory drops it (and what it owned there)."""
+        try:
+            self.directory.owner_ended(instance_id)
+        except Exception as e:  # already dropped (its worker died, or its launch failed): nothing to record
+            log.debug("%s: owner_ended: %r", instance_id, e)
+
+    def run(self, program, arguments: list[str] = (), **kwargs) -> Outcome:
+        return self.launch(program, arguments, **kwargs).wait()
+
+    def _hint_tokens(self, prompt_hint: str) -> list[int]:
+        if not prompt_hint:
+            return []
+        if self._tokenizer is None:
+            model = self.directory.model()
+            self._tokenizer = Tokenizer(TokenizerSpec.from_json(model["tokenizer_meta"], model["tokenizer_json"]))
+        return self._tokenizer.encode(prompt_hint[:MAX_HINT_TOKENS * 16])[:MAX_HINT_TOKENS]
+
+    # -- workers ---------------------------------------------------------------------------------
+    def host_for(self, worker_id: str) -> InferletHost:
+        """The InferletHost of the inferlets on `worker_id`, over a live connection to it."""
+        with self._lock:
+            host = self._hosts.get(worker_id)
+            if host is not None and not host.worker.remote.broken:
+                return host
+        if host is not None:
+            host.close()  # its inferlets already failed with the lost connection
+        worker = ClusterWorker(worker_id, self.connection(worker_id), self.directory, self.connection,
+                               self.limits.max_pages)
+        fresh = InferletHost(limits=self.limits, http_policy=self._http_policy, sandbox=self.sandbox, worker=worker,
+                             bus=self.bus)
+        with self._lock:
+            self._hosts[worker_id] = fresh
+        return fresh
+
+    def connection(self, worker_id: str) -> RemoteWorker:
+        """This host's one connection to a worker (dialled anew after it broke)."""
+        with self._lock:
+            remote = self._connections.get(worker_id)
+            if remote is not None and not remote.broken:
+                return remote
+        target = self.directory.target(worker_id)
+        remote = RemoteWorker(target, on_broken=lambda reason: self._lost(worker_id, target, reason),
+                              token=self.internal_token)
+        with self._lock:
+            self._connections[worker_id] = remote
+        return remote
+
+    def _lost(self, worker_id: str, target: str, reason: str) -> None:
+        log.warning("lost worker %s at %s: %s", worker_id, target, reason)
+        try:
+            self.directory.worker_lost(worker_id, target)
+        except Exception as e:  # the directory itself is gone or never knew it: nothing to record
+            log.warning("could not report worker %s lost: %r", worker_id, e)
+
+    # -- ending ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            hosts, self._hosts = list(self._hosts.values()), {}
+            connections, self._connections = list(self._connections.values()), {}
+        for host in hosts:
+            host.close()
+        for remote in connections:
+            remote.close()
+        if self._bus_timers is not None:
+            self._bus_timers.close()
+        else:
+            self.bus.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

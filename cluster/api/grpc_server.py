@@ -1,0 +1,277 @@
+"""The client API (cluster/proto/pie.proto) served over gRPC in front of one InferletHost.
+
+`serve(host, ...)` starts a server and returns a handle with its port and `stop()`. The servicer
+maps the runtime's errors to gRPC status codes, here and nowhere else. A Launch stream holds one
+server thread for the inferlet's life, so the thread pool has one thread per allowed running
+inferlet plus a few for the other calls, which therefore never wait behind streams. However a
+Launch call ends (the inferlet ends, the client cancels or disconnects, the server stops), the
+inferlet is stopped and the host releases everything it held.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+from wasmtime import component as wc
+
+from cluster.errors import (DirectoryUnavailable, HostBusy, InferletError, InvalidComponentError, NoLiveWorker,
+                            ProgramTooLarge, UnknownInferlet, UnknownProgram)
+from cluster.rpc.grpc_auth import BearerTokenAuth
+from cluster.runtime.inferlet_host import InferletHost, Outcome, RunningInferlet
+from cluster.api.program_store import ProgramStore
+from cluster.proto import pie_pb2, pie_pb2_grpc
+from cluster.rpc.remote_worker import WorkerUnavailable
+from cluster.runtime.sandbox import MAX_COMPONENT_BYTES
+from cluster.runtime.session import InferletEnded
+from cluster.runtime.wit_values import Refused
+
+log = logging.getLogger("pie.grpc")
+
+DEFAULT_PORT = 50051
+DEFAULT_MAX_RUNNING = 224  # inferlets running at once through one server
+UNARY_THREADS = 32  # server threads beyond one per running inferlet: uploads, sends, lists, refusals
+ENDED_REMEMBERED = 4096  # ended instance ids kept, so a late Send says "ended" rather than "unknown"
+KEEPALIVE_MS = 30_000  # ping an idle connection this often, so a vanished client is noticed
+
+# the runtime's errors -> status codes; a subclass is listed before its base
+_STATUS_OF = (
+    (ProgramTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidComponentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownProgram, grpc.StatusCode.NOT_FOUND),
+    (UnknownInferlet, grpc.StatusCode.NOT_FOUND),
+    (HostBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InferletEnded, grpc.StatusCode.FAILED_PRECONDITION),
+    (Refused, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a message too large, an inbox full
+    (NoLiveWorker, grpc.StatusCode.UNAVAILABLE),  # cluster mode: every worker is down or still loading
+    (DirectoryUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (WorkerUnavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_of(error: InferletError) -> grpc.StatusCode:
+    relayed = getattr(error, "status_code", None)  # a refusal a cluster host gave, passed on as it was
+    if isinstance(relayed, grpc.StatusCode):
+        return relayed
+    for kind, code in _STATUS_OF:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _refuse(context: grpc.ServicerContext, error: InferletError):
+    context.abort(status_of(error), str(error))  # raises
+
+
+@dataclass
+class _Live:
+    running: RunningInferlet
+    program_id: str  # what it runs
+    started: float  # time.monotonic() at launch
+
+
+class InferletService(pie_pb2_grpc.InferletsServicer):
+    def __init__(self, host: InferletHost, store: ProgramStore, max_running: int = DEFAULT_MAX_RUNNING):
+        self.host = host
+        self.sandbox = host.sandbox  # compiles uploads, to refuse what is not an inferlet at once
+        self.store = store
+        self.max_running = max_running
+        self._components: dict[str, wc.Component] = {}  # program id -> compiled, validated component
+        self._live: dict[str, _Live] = {}  # instance id -> running inferlet
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._starting = 0  # launches under way, not yet in _live
+        self._lock = threading.Lock()
+
+    # -- programs --------------------------------------------------------------------------------
+    def _compile(self, path: Path) -> wc.Component:
+        component = self.sandbox.load(path)
+        if component.get_export_index("run") is None:
+            raise InvalidComponentError("the component exports no `run` function: it is not built for the "
+                                        "inferlet world; build it with `pie build`")
+        return component
+
+    def _component(self, program_id: str) -> wc.Component:
+        with self._lock:
+            component = self._components.get(program_id)
+        if component is None:
+            component = self._compile(self.store.path(program_id))  # stored by an earlier server
+            with self._lock:
+                self._components[program_id] = component
+        return component
+
+    def Upload(self, request_iterator: Iterator[pie_pb2.UploadChunk], context) -> pie_pb2.ProgramRef:
+        try:
+            parts, size, declared = [], 0, ""
+            for i, chunk in enumerate(request_iterator):
+                if i == 0:
+                    declared = chunk.sha256.lower()
+                    self.store.check_size(chunk.total_size)
+                    if declared and self.store.has(declared):  # the same bytes again: no need to read them
+                        self._component(declared)
+                        return pie_pb2.ProgramRef(program_id=declared, already_present=True,
+                                                  size=self.store.path(declared).stat().st_size)
+                size += len(chunk.data)
+                self.store.check_size(size)  # before holding more of an oversized upload
+                parts.append(chunk.data)
+            compiled = []
+            stored = self.store.put(b"".join(parts), declared, validate=lambda p: compiled.append(self._compile(p)))
+            component = compiled[0] if compiled else self._component(stored.program_id)
+            with self._lock:
+                self._components[stored.program_id] = component
+            return pie_pb2.ProgramRef(program_id=stored.program_id, size=stored.size,
+                                      already_present=stored.already_present)
+        except InferletError as e:
+            _refuse(context, e)
+
+    # -- running inferlets -----------------------------------------------------------------------
+    def _start(self, component: wc.Component, request: pie_pb2.LaunchRequest, context,
+               events: queue.SimpleQueue) -> RunningInferlet:
+        def ended(outcome: Outcome) -> None:  # on the scheduler thread (or a relay's)
+            with self._lock:
+                self._live.pop(outcome.instance_id, None)
+                self._ended[outcome.instance_id] = None
+                while len(self._ended) > ENDED_REMEMBERED:
+                    self._ended.popitem(last=False)
+            events.put(outcome)
+
+        with self._lock:
+            if len(self._live) + self._starting >= self.max_running:
+                raise HostBusy(f"this server already runs {len(self._live) + self._starting} inferlets, its "
+                               f"limit; retry when some have ended")
+            self._starting += 1
+        try:  # outside the lock: a cluster gateway's launch waits for a host
+            running = self._launch(component, request, context, events.put, ended)
+        except BaseException:
+            with self._lock:
+                self._starting -= 1
+            raise
+        with self._lock:  # one step from starting to live, so no other launch slips past the limit between
+            self._starting -= 1
+            if running.instance_id not in self._ended:  # it may have ended already
+                self._live[running.instance_id] = _Live(running, request.program_id, time.monotonic())
+        return running
+
+    def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest, context,
+                on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RunningInferlet:
+        """Start the inferlet (cluster mode overrides where and how)."""
+        return self.host.launch(component, list(request.arguments), on_message=on_message, on_end=on_end)
+
+    def Launch(self, request: pie_pb2.LaunchRequest, context) -> Iterator[pie_pb2.Event]:
+        events: queue.SimpleQueue[str | Outcome] = queue.SimpleQueue()
+        try:
+            running = self._start(self._component(request.program_id), request, context, events)
+        except InferletError as e:
+            _refuse(context, e)
+        if not context.add_callback(lambda: running.stop("its client went away")):
+            running.stop("its client went away")  # the call had already ended
+        yield pie_pb2.Event(started=pie_pb2.Started(instance_id=running.instance_id))
+        while True:
+            item = events.get()
+            if isinstance(item, Outcome):
+                if item.ok:
+                    yield pie_pb2.Event(finished=pie_pb2.Finished())
+                else:
+                    yield pie_pb2.Event(failed=pie_pb2.Failed(error=item.error))
+                return
+            yield pie_pb2.Event(message=pie_pb2.Message(text=item))
+
+    def _find(self, instance_id: str) -> _Live:
+        with self._lock:
+            live = self._live.get(instance_id)
+            if live is not None:
+                return live
+            if instance_id in self._ended:
+                raise InferletEnded(f"inferlet {instance_id} has ended")
+        raise UnknownInferlet(f"no inferlet {instance_id!r} runs on this server; "
+                              f"use the instance id of a Launch's `started` event")
+
+    def Send(self, request: pie_pb2.SendRequest, context) -> pie_pb2.Empty:
+        try:
+            self._find(request.instance_id).running.send(request.text)
+        except InferletError as e:
+            _refuse(context, e)
+        return pie_pb2.Empty()
+
+    def Terminate(self, request: pie_pb2.TerminateRequest, context) -> pie_pb2.Empty:
+        try:
+            self._find(request.instance_id).running.stop("terminated by its client")
+        except InferletError as e:
+            _refuse(context, e)
+        return pie_pb2.Empty()
+
+    def List(self, request: pie_pb2.Empty, context) -> pie_pb2.InferletList:
+        now = time.monotonic()
+        with self._lock:
+            live = list(self._live.items())
+        return pie_pb2.InferletList(inferlets=[
+            pie_pb2.InferletInfo(instance_id=iid, program_id=x.program_id, seconds_running=now - x.started)
+            for iid, x in live])
+
+    def Health(self, request: pie_pb2.Empty, context) -> pie_pb2.HealthReply:
+        with self._lock:
+            running = len(self._live)
+        return pie_pb2.HealthReply(status="serving", running=running, **self._capacity())
+
+    def _capacity(self) -> dict:
+        """The model and KV pages behind this service: HealthReply's model, free_pages, total_pages."""
+        worker = self.host.worker
+        return {"model": worker.info.name, "free_pages": worker.num_free_pages, "total_pages": worker.info.num_pages}
+
+
+class PieServer:
+    """A started server: `port` is the bound port (useful after asking for port 0)."""
+
+    def __init__(self, server: grpc.Server, service: InferletService, address: str, port: int):
+        self.service = service
+        self.address = address
+        self.port = port
+        self._server = server
+
+    @property
+    def target(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops; False on timeout."""
+        return self._server.wait_for_termination(timeout) is False
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        """Refuse new calls, give running ones `grace` seconds, then cancel them (which stops their inferlets)."""
+        self._server.stop(grace).wait()
+
+
+def serve(host: InferletHost, port: int = DEFAULT_PORT, address: str = "127.0.0.1", token: str | None = None,
+          max_running: int = DEFAULT_MAX_RUNNING, max_component_bytes: int = MAX_COMPONENT_BYTES,
+          store: ProgramStore | None = None) -> PieServer:
+    """Serve the client API for `host` on address:port (port 0: any free port) until stop()."""
+    if max_running < 1:
+        raise ValueError(f"max_running must be at least 1, not {max_running}")
+    service = InferletService(host, store or ProgramStore(max_bytes=max_component_bytes), max_running)
+    return serve_service(service, port, address, token)
+
+
+def serve_service(service: InferletService, port: int = DEFAULT_PORT, address: str = "127.0.0.1",
+                  token: str | None = None) -> PieServer:
+    """Serve a built InferletService (or a subclass: cluster mode's host and gateway services)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=service.max_running + UNARY_THREADS, thread_name_prefix="pie-grpc"),
+        interceptors=[BearerTokenAuth(token)] if token else [],
+        options=[("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 10_000),
+                 ("grpc.so_reuseport", 0)])
+    pie_pb2_grpc.add_InferletsServicer_to_server(service, server)
+    try:
+        bound = server.add_insecure_port(f"{address}:{port}")
+    except RuntimeError as e:
+        raise OSError(f"cannot listen on {address}:{port}: {e}") from e
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}:{port} (in use, or not an address of this machine)")
+    server.start()
+    log.info("serving the client API on %s:%d", address, bound)
+    return PieServer(server, service, address, bound)

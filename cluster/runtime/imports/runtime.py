@@ -1,0 +1,36 @@
+"""runtime: arguments, identity, client messages, sleep, clock, log."""
+from __future__ import annotations
+
+import logging
+import time
+
+from cluster.runtime.imports._common import raw, sync, timeout_s, waiting
+from cluster.pending import Pending
+from cluster.runtime.session import InferletSession
+from cluster.runtime.wit_values import Refused
+
+log = logging.getLogger("pie.inferlet")
+MAX_LOG_CHARS = 4096
+
+
+def imports(s: InferletSession) -> dict:
+    def send(message: str) -> None:
+        size = len(message.encode())
+        if size > s.limits.max_message_bytes:
+            raise Refused(f"message of {size} bytes exceeds the limit of {s.limits.max_message_bytes}")
+        s.on_message(message)
+
+    def sleep(ms: int) -> Pending:
+        pending = Pending()
+        s.services.timers.call_later(ms / 1000.0, lambda: pending.complete(None))
+        return pending
+
+    return {
+        "get-arguments": raw(lambda: list(s.arguments)),
+        "instance-id": raw(lambda: s.instance_id),
+        "send": sync(send),
+        "receive": waiting(s, lambda timeout_ms: s.receive(timeout_s(timeout_ms)), err=None),
+        "sleep": waiting(s, sleep, err=None),
+        "log": raw(lambda message: log.info("[%s] %s", s.instance_id, message[:MAX_LOG_CHARS])),
+        "now-ms": raw(lambda: int(time.time() * 1000)),
+    }
