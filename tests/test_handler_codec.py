@@ -49,6 +49,8 @@ ALL_SAMPLERS = [
     Sampler(),
     Sampler("greedy", allowed=np.arange(VOCAB) % 3 == 0),
     Sampler("sample", temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, seed=12345),
+    Sampler("sample", temperature=0.9, with_logprob=True),
+    Sampler("greedy", with_logprob=True),
     Sampler("sample", temperature=1.3),  # no seed: the executor's own generator
     Sampler("sample", temperature=0.5, seed=2**63 - 1, allowed=np.ones(VOCAB, bool)),
     Sampler("distribution", temperature=1.0, top_k=20),
@@ -58,7 +60,8 @@ ALL_SAMPLERS = [
 ]
 
 
-@pytest.mark.parametrize("sampler", ALL_SAMPLERS, ids=lambda s: f"{s.kind}{'+mask' if s.allowed is not None else ''}")
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS, ids=lambda s: f"{s.kind}{'+mask' if s.allowed is not None else ''}"
+                         f"{'+logprob' if s.with_logprob else ''}")
 def test_every_sampler_kind_round_trips(sampler):
     assert_same(sampler, round_trip(sampler))
     assert_same(request([sampler, sampler]), round_trip(request([sampler, sampler])))
@@ -85,6 +88,7 @@ def test_empty_outputs_and_results_round_trip():
     assert_same(no_outputs, round_trip(no_outputs))
     assert round_trip(no_outputs).output_indices.shape == (0,)
     for result in [OutputResult(), OutputResult(token=0), OutputResult(token=49151),
+                   OutputResult(token=7, logprob=-1.25),
                    OutputResult(ids=np.array([5, 2, 9]), probs=np.array([0.5, 0.25, 0.125], np.float32)),
                    OutputResult(ids=np.zeros(0, np.int64), probs=np.zeros(0, np.float32)),
                    OutputResult(logprobs=np.array([-0.1, -2.5, -np.inf], np.float32))]:
@@ -201,7 +205,7 @@ def test_malformed_payloads_are_refused_when_decoding():
         decode_value(msgpack.packb(msgpack.ExtType(codec._EXT_ARRAY, good[:-1])))
     with pytest.raises(CodecError, match="malformed array header"):
         decode_value(msgpack.packb(msgpack.ExtType(codec._EXT_ARRAY, bytes([200, 1]) + good[2:])))
-    bad_kind = msgpack.packb(["beam", 1.0, 0, 1.0, 0.0, None, [], None])
+    bad_kind = msgpack.packb(["beam", 1.0, 0, 1.0, 0.0, None, [], None, False])
     with pytest.raises(CodecError, match="kind 'beam'"):
         decode_value(msgpack.packb(msgpack.ExtType(codec._EXT_SAMPLER, bad_kind)))
     short = msgpack.packb([1, 2])
@@ -212,7 +216,7 @@ def test_malformed_payloads_are_refused_when_decoding():
         nested = msgpack.packb(msgpack.ExtType(codec._EXT_OUTPUT, nested))
     with pytest.raises(CodecError, match="nests extensions more than 4 deep"):
         decode_value(nested)
-    wrong_type = msgpack.packb(["greedy", "hot", 0, 1.0, 0.0, None, [], None])
+    wrong_type = msgpack.packb(["greedy", "hot", 0, 1.0, 0.0, None, [], None, False])
     with pytest.raises(CodecError, match="wrong type"):
         decode_value(msgpack.packb(msgpack.ExtType(codec._EXT_SAMPLER, wrong_type)))
 

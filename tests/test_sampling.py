@@ -150,6 +150,24 @@ def test_logprobs_match_transformers(ex32, hf32, probe):
     assert max_abs_diff(result.logprobs, logp[list(ids)]) < 1e-5  # same as the full-vocabulary scoring
 
 
+def test_with_logprob_returns_the_chosen_tokens_model_logprob(ex32, probe):
+    """The chosen token's log-probability is the model's own (temperature 1, no filters, no mask),
+    whatever the sampler did to choose it; samplers without the flag carry none."""
+    tokens, logp = probe
+    allowed = np.zeros(ex32.info.vocab_size, bool)
+    allowed[np.argsort(logp)[-5:-2]] = True  # neither the most likely token nor a filter boundary
+    samplers = [Sampler("greedy", with_logprob=True), Sampler("sample", temperature=0.6, top_k=8, seed=3,
+                                                              with_logprob=True),
+                Sampler("greedy", allowed=allowed, with_logprob=True), Sampler("sample", seed=3)]
+    results = sample_at(ex32, tokens, samplers)
+    assert results[0].token == int(np.argmax(logp))
+    assert allowed[results[2].token]
+    for r in results[:3]:
+        # tolerance: 1e-4 (measured 2.5e-5: the reference comes from a step of another shape)
+        assert abs(r.logprob - logp[r.token]) < 1e-4
+    assert results[3].logprob is None
+
+
 # --- workers.sampling.sample_outputs on synthetic logits ---------------------------------------
 
 PROBS = np.array([0.4, 0.3, 0.15, 0.1, 0.05])

@@ -135,12 +135,16 @@ def sample_tokens(logits: torch.Tensor, samplers: list[Sampler], positions: list
 def sample_outputs(logits: torch.Tensor, samplers: list[Sampler], positions: list[int],
                    generator: torch.Generator) -> list[OutputResult]:
     """logits: float32 [num_outputs, vocab]; positions: [num_outputs] position ids (for seeds)."""
+    device = logits.device
+    scored = [j for j, s in enumerate(samplers) if s.with_logprob and s.kind in ("greedy", "sample")]
+    if scored:  # the model's normalizer, before the masks change the rows in place
+        scored_index = torch.tensor(scored, device=device)
+        normalizer = torch.logsumexp(logits.index_select(0, scored_index), dim=-1)
     logits = apply_allowed(logits, samplers)
     results = [OutputResult() for _ in samplers]
     by_kind: dict[str, list[int]] = {}
     for j, s in enumerate(samplers):
         by_kind.setdefault(s.kind, []).append(j)
-    device = logits.device
     rows_of = lambda kind: logits.index_select(0, torch.tensor(by_kind[kind], device=device))
     if "greedy" in by_kind:
         for j, token in zip(by_kind["greedy"], rows_of("greedy").argmax(dim=-1).tolist()):
@@ -150,6 +154,11 @@ def sample_outputs(logits: torch.Tensor, samplers: list[Sampler], positions: lis
         tokens = sample_tokens(rows_of("sample"), [samplers[j] for j in js], [positions[j] for j in js], generator)
         for j, token in zip(js, tokens):
             results[j].token = token
+    if scored:  # the chosen token's log-softmax (an allowed token's logit is unchanged by its mask)
+        chosen = torch.tensor([results[j].token for j in scored], device=device)
+        logp = logits.index_select(0, scored_index).gather(1, chosen[:, None]).squeeze(1) - normalizer
+        for j, value in zip(scored, logp.tolist()):
+            results[j].logprob = value
     if "distribution" in by_kind:
         js = by_kind["distribution"]
         probs = torch.softmax(rows_of("distribution") / _column([samplers[j] for j in js], "temperature", device), -1)

@@ -33,6 +33,11 @@ class Sampler:
     `allowed` optionally restricts the vocabulary: a bool array of length vocab_size,
     True where a token may be produced (a grammar's next-token mask). It applies before
     every kind, and probabilities renormalize over the allowed tokens.
+
+    `with_logprob` ("greedy" and "sample"): also return the chosen token's log-probability
+    under the model's own distribution (log-softmax of the logits: before temperature, filters
+    and `allowed`), as OpenAI's and vLLM's logprobs report it. Off by default: it costs a
+    log-softmax over the vocabulary per output.
     """
 
     kind: str = "greedy"
@@ -43,6 +48,7 @@ class Sampler:
     seed: int | None = None
     token_ids: tuple[int, ...] = ()  # "logprobs": the tokens to score
     allowed: np.ndarray | None = None  # [vocab_size] bool, True = may be produced
+    with_logprob: bool = False  # "greedy" / "sample": also return the token's log-probability
 
     KINDS = ("greedy", "sample", "distribution", "logprobs")
 
@@ -94,6 +100,7 @@ class OutputResult:
     ids: np.ndarray | None = None  # "distribution": [top_k] int64, most likely first
     probs: np.ndarray | None = None  # "distribution": [top_k] float32
     logprobs: np.ndarray | None = None  # "logprobs": [len(token_ids)] float32
+    logprob: float | None = None  # "greedy" / "sample" with_logprob: the token's log-probability
 
 
 @dataclass

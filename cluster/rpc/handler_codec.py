@@ -233,29 +233,31 @@ def _decode_forward(data: bytes, depth: int) -> ForwardRequest:
 def _encode_sampler(s: Sampler) -> msgpack.ExtType:
     fields = [s.kind, float(s.temperature), int(s.top_k), float(s.top_p), float(s.min_p),
               None if s.seed is None else int(s.seed), [int(t) for t in s.token_ids],
-              None if s.allowed is None else np.asarray(s.allowed, dtype=bool)]
+              None if s.allowed is None else np.asarray(s.allowed, dtype=bool), bool(s.with_logprob)]
     return msgpack.ExtType(_EXT_SAMPLER, encode_value(fields))
 
 
 def _decode_sampler(data: bytes, depth: int) -> Sampler:
-    kind, temperature, top_k, top_p, min_p, seed, token_ids, allowed = _fields(data, depth, 8, "sampler")
+    kind, temperature, top_k, top_p, min_p, seed, token_ids, allowed, with_logprob = _fields(data, depth, 9,
+                                                                                             "sampler")
     if kind not in Sampler.KINDS:
         raise CodecError(f"a sampler of kind {kind!r} arrived; the kinds are {', '.join(Sampler.KINDS)}")
     _expect(all(isinstance(x, float) for x in (temperature, top_p, min_p)) and isinstance(top_k, int)
             and (seed is None or isinstance(seed, int)) and isinstance(token_ids, list)
-            and (allowed is None or (isinstance(allowed, np.ndarray) and allowed.dtype == np.bool_)), "sampler")
-    return Sampler(kind, temperature, top_k, top_p, min_p, seed, tuple(token_ids), allowed)
+            and (allowed is None or (isinstance(allowed, np.ndarray) and allowed.dtype == np.bool_))
+            and isinstance(with_logprob, bool), "sampler")
+    return Sampler(kind, temperature, top_k, top_p, min_p, seed, tuple(token_ids), allowed, with_logprob)
 
 
 def _encode_output(o: OutputResult) -> msgpack.ExtType:
-    return msgpack.ExtType(_EXT_OUTPUT, encode_value([o.token, o.ids, o.probs, o.logprobs]))
+    return msgpack.ExtType(_EXT_OUTPUT, encode_value([o.token, o.ids, o.probs, o.logprobs, o.logprob]))
 
 
 def _decode_output(data: bytes, depth: int) -> OutputResult:
-    token, ids, probs, logprobs = _fields(data, depth, 4, "output result")
-    _expect((token is None or isinstance(token, int))
+    token, ids, probs, logprobs, logprob = _fields(data, depth, 5, "output result")
+    _expect((token is None or isinstance(token, int)) and (logprob is None or isinstance(logprob, float))
             and all(a is None or isinstance(a, np.ndarray) for a in (ids, probs, logprobs)), "output result")
-    return OutputResult(token, ids, probs, logprobs)
+    return OutputResult(token, ids, probs, logprobs, logprob)
 
 
 def _fields(data: bytes, depth: int, count: int, what: str) -> list:
