@@ -64,6 +64,12 @@ class ClusterWorker:
     def forward(self, holder: str, request: ForwardRequest) -> Pending:
         return self.remote.forward(holder, request)
 
+    def cache_lookup(self, holder: str, hashes: list[bytes]) -> list[int]:
+        return self.remote.cache_lookup(holder, hashes)  # the worker's own cache: not in the directory
+
+    def cache_store(self, holder: str, hashes: list[bytes], pages: list[int]) -> int:
+        return self.remote.cache_store(holder, hashes, pages)
+
     def hold(self) -> None:
         self.remote.hold()
 

@@ -104,6 +104,13 @@ class WorkerActor:
         """Raise unless every page is free or accounted for (free + allocated == total)."""
         self._serving().check_idle()
 
+    def reset_prefix_cache(self) -> int:
+        """Give back every cached prefix page no inferlet holds (as vLLM's reset_prefix_cache); how
+        many pages the cache still holds (those in use)."""
+        pages = self._serving().pages
+        pages.drop_cache()
+        return pages.num_cached()
+
     def steps(self, drain: bool = False) -> list[tuple[int, float]]:
         """(passes, seconds in the executor) of each recent batched step; `drain` forgets them."""
         history = self._serving().batcher.steps

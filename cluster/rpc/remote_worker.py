@@ -84,6 +84,12 @@ class RemoteWorker:
     def list_exports(self, prefix: str = "") -> list[str]:
         return list(self._sync("list_exports", "", prefix))
 
+    def cache_lookup(self, holder: str, hashes: list[bytes]) -> list[int]:
+        return list(self._sync("cache_lookup", holder, list(hashes)))
+
+    def cache_store(self, holder: str, hashes: list[bytes], pages: list[int]) -> int:
+        return self._sync("cache_store", holder, list(hashes), list(pages))
+
     def forward(self, holder: str, request: ForwardRequest) -> Pending:
         return self._call("forward", holder, request)
 

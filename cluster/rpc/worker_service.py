@@ -30,6 +30,7 @@ class WorkerServicer(CallServicer):
             "allocate": w.allocate, "free": w.free, "copy": w.copy, "mask": w.mask,
             "export": w.export, "import_": w.import_, "unexport": w.unexport,
             "list_exports": lambda holder, prefix: w.list_exports(prefix),
+            "cache_lookup": w.cache_lookup, "cache_store": w.cache_store,
             "forward": w.forward, "release": w.release,
             "read_pages": w.read_pages, "write_pages": w.write_pages,
         }, release=w.release, releasing="release",

@@ -1,8 +1,8 @@
 """The handler calls of one executor, in process: what an inferlet host asks of a worker.
 
 An inferlet's imports reach its worker only through these methods, named for the handler
-calls of the API (allocate, free, copy, mask, export, import, unexport, list, forward,
-release). In embedded mode the host calls a LocalWorker directly; in cluster mode a GPU
+calls of the API (allocate, free, copy, mask, export, import, unexport, list, cache lookup
+and store, forward, release). In embedded mode the host calls a LocalWorker directly; in cluster mode a GPU
 worker actor serves the same methods to many hosts over the handler-call service, so both
 modes run this one class. Every method checks the caller (`holder`, an inferlet instance
 id) against the page registry before anything reaches the executor.
@@ -99,6 +99,13 @@ class LocalWorker:
     def list_exports(self, prefix: str = "") -> list[str]:
         return self.pages.list_exports(prefix)
 
+    # -- the prefix cache (pages of earlier inferlets, by the chained hash of their tokens) -------
+    def cache_lookup(self, holder: str, hashes: list[bytes]) -> list[int]:
+        return self.pages.cache_lookup(holder, hashes)
+
+    def cache_store(self, holder: str, hashes: list[bytes], pages: list[int]) -> int:
+        return self.pages.cache_store(holder, hashes, pages)
+
     # -- moving pages between workers (cluster mode: an import of a name exported elsewhere) ----
     def read_pages(self, holder: str, pages: list[int]) -> Pending:
         """The contents of pages the holder may read (executor.read_pages), taken on the executor
@@ -162,3 +169,4 @@ class LocalWorker:
 
     def close(self) -> None:
         self.batcher.close()
+        self.pages.drop_cache()

@@ -9,6 +9,10 @@ exporter ending while importers still read, never pulls a page from under a runn
 Writes (a pass's new tokens, a copy's destination, a mask) are allowed only on pages the
 inferlet allocated and has not exported: shared pages are read-only for everyone, so one
 inferlet can never change what another attends to.
+
+The prefix cache (cluster.worker.prefix_cache) holds one more reference on each page offered
+to it. Cached pages nobody else holds are evicted, oldest use first, when the cache is over its
+budget or an allocation finds too few free pages: the cache never makes an allocation fail.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import threading
 from dataclasses import dataclass
 
 from cluster.errors import InferletError
+from cluster.worker.prefix_cache import PrefixCache
 from workers.executor import Executor
 
 
@@ -36,11 +41,13 @@ MAX_EXPORT_NAME_BYTES = 256
 
 
 class PageRegistry:
-    def __init__(self, executor: Executor, max_persistent_pages: int | None = None):
+    def __init__(self, executor: Executor, max_persistent_pages: int | None = None,
+                 max_cached_pages: int | None = None):
         self.executor = executor
         # pages held by persistent exports at once, so exiting inferlets cannot hoard the cache
         self.max_persistent_pages = (executor.info.num_pages // 2 if max_persistent_pages is None
                                      else max_persistent_pages)
+        self.cache = PrefixCache(executor.info.num_pages // 2 if max_cached_pages is None else max_cached_pages)
         self._lock = threading.Lock()
         self._refs: collections.Counter[int] = collections.Counter()
         self._held: dict[str, collections.Counter[int]] = {}  # holder -> page -> references it holds
@@ -55,6 +62,9 @@ class PageRegistry:
             if owned + count > quota:
                 raise PageRefused(f"allocating {count} pages exceeds this inferlet's quota of {quota} "
                                   f"(it holds {owned})")
+            short = count - self.executor.num_free_pages
+            if short > 0:
+                self.executor.free_pages(self._evict(short))  # cached pages nobody holds make room
             pages = self.executor.allocate_pages(count)
             if pages is None:
                 raise PageRefused(f"the worker has fewer than {count} free KV pages; free some or retry later")
@@ -148,6 +158,54 @@ class PageRegistry:
         with self._lock:
             return sorted(n for n in self._exports if n.startswith(prefix))
 
+    # -- the prefix cache ------------------------------------------------------------------------
+    def cache_lookup(self, holder: str, hashes: list[bytes]) -> list[int]:
+        """The cached pages of the longest run of `hashes` from the first; the holder now holds
+        them (read-only) until it frees them."""
+        with self._lock:
+            pages = self.cache.longest_prefix(hashes)
+            held = self._held.setdefault(holder, collections.Counter())
+            for p in pages:
+                self._refs[p] += 1
+                held[p] += 1
+            return pages
+
+    def cache_store(self, holder: str, hashes: list[bytes], pages: list[int]) -> int:
+        """Offer the holder's full pages under their hashes (in order: page i holds block i);
+        returns how many the cache took. Taken pages become read-only. Blocks already cached are
+        only marked used; past the budget, the oldest unheld pages make room or the rest is not taken."""
+        if len(hashes) != len(pages):
+            raise PageRefused(f"{len(hashes)} block hashes for {len(pages)} pages")
+        self.require_readable(holder, pages)
+        taken, released = 0, []
+        with self._lock:
+            for h, p in zip(hashes, pages):
+                if h in self.cache:
+                    self.cache.touch(h)
+                    continue
+                if self.cache.holds_page(p):
+                    continue  # cached under another block (its tokens differ): keep the first
+                if len(self.cache) >= self.cache.max_pages:
+                    released += self._evict(1)
+                    if len(self.cache) >= self.cache.max_pages:
+                        break
+                self.cache.add(h, p)
+                self._refs[p] += 1
+                self._shared.add(p)
+                taken += 1
+        self._give_back(released)
+        return taken
+
+    def num_cached(self) -> int:
+        with self._lock:
+            return len(self.cache)
+
+    def drop_cache(self) -> None:
+        """Give back every cached page nobody else holds (the worker is closing)."""
+        with self._lock:
+            released = self._evict(len(self.cache))
+        self._give_back(released)
+
     # -- ending ----------------------------------------------------------------------------------
     def drop_holder(self, holder: str) -> None:
         """The inferlet ended: release its references and its non-persistent exports."""
@@ -171,21 +229,33 @@ class PageRegistry:
             return len(self._held.get(holder, ()))
 
     def check_idle(self) -> None:
-        """With nothing running: only persistent exports hold pages, and the executor agrees."""
+        """With nothing running: only persistent exports and the prefix cache hold pages, and the
+        executor agrees."""
         with self._lock:
             holders = {h: len(c) for h, c in self._held.items() if c}
-            persistent = {p for e in self._exports.values() if e.persistent for p in e.pages}
+            kept = {p for e in self._exports.values() if e.persistent for p in e.pages} | self.cache.pages
             live = set(self._refs)
         if holders:
             raise PageRefused(f"pages still held by ended inferlets: {holders}")
-        if live != persistent:
-            raise PageRefused(f"pages referenced without a holder: {sorted(live - persistent)[:8]}")
+        if live != kept:
+            raise PageRefused(f"pages referenced without a holder: {sorted(live - kept)[:8]}")
         self.executor.check_idle_invariant()
 
     # -- internals (under the lock) ---------------------------------------------------------------
     def _end_export(self, name: str) -> list[int]:
         export = self._exports.pop(name)
         return self._unref(export.pages)
+
+    def _evict(self, count: int) -> list[int]:
+        """Drop up to `count` cached pages that only the cache holds, oldest use first; the pages
+        to give back to the executor."""
+        released = []
+        for page in self.cache.oldest(lambda p: self._refs[p] == 1):
+            if len(released) == count:
+                break
+            self.cache.remove(page)
+            released += self._unref([page])
+        return released
 
     def _unref(self, pages) -> list[int]:
         released = []
