@@ -126,7 +126,7 @@ class GatewayService(InferletService):
         super().__init__(host=self, store=store, max_running=max_running)
 
     # -- launching on a host ---------------------------------------------------------------------
-    def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest, context,
+    def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest,
                 on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RelayedInferlet:
         for attempt in range(2):  # a host found dead is reported, and the launch tried once more
             with self._lock:  # counted from here, so concurrent launches spread over the hosts
@@ -142,14 +142,15 @@ class GatewayService(InferletService):
                 if e.code in _HOST_GONE and attempt == 0:
                     self._host_lost(link, link.host_id, e)
                     continue
-                context.abort(e.code, e.details)  # the host's refusal, as it gave it (raises)
+                raise _RelayedRefusal(e.code, e.details) from None  # the host's refusal, as it gave it
         raise AssertionError("unreachable")
 
     def _launch_on(self, link: HostLink, request: pie_pb2.LaunchRequest, on_message, on_end) -> RelayedInferlet:
         """Start the inferlet on `link` (its slot already counted there) and relay its events."""
         link.ensure_program(request.program_id, self.store.path(request.program_id))
         client, host_id = link.connected(), link.host_id
-        stream = client.launch(request.program_id, list(request.arguments), prompt_hint=request.prompt_hint)
+        stream = client.launch(request.program_id, list(request.arguments), prompt_hint=request.prompt_hint,
+                               tenant=request.tenant)
         events = iter(stream)
         first = next(events, None)
         if not isinstance(first, Started):  # refused without an error status: should not happen

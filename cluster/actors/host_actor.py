@@ -15,7 +15,7 @@ from wasmtime import component as wc
 from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, DirectoryHandle
 from cluster.rpc.bus_service import RemoteBus
 from cluster.actors.cluster_host import ClusterHost
-from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, InferletService, serve_service
+from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, InferletService, cache_scope, serve_service
 from cluster.runtime.inferlet_host import Outcome, RunningInferlet
 from cluster.api.program_store import ProgramStore
 from cluster.proto import pie_pb2
@@ -25,10 +25,10 @@ from cluster.runtime.sandbox import Limits
 class HostService(InferletService):
     """The client API of one ClusterHost: launches carry the prompt hint to placement."""
 
-    def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest, context,
+    def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest,
                 on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RunningInferlet:
         return self.host.launch(component, list(request.arguments), on_message=on_message, on_end=on_end,
-                                prompt_hint=request.prompt_hint)
+                                prompt_hint=request.prompt_hint, cache_scope=cache_scope(request))
 
     def _capacity(self) -> dict:
         return self.host.directory.capacity()

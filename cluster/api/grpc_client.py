@@ -177,10 +177,13 @@ class PieClient:
 
         return self._unary("Upload", chunks(), UPLOAD_TIMEOUT_S).program_id
 
-    def launch(self, program_id: str, arguments: list[str] | tuple[str, ...] = (), prompt_hint: str = "") -> LaunchStream:
+    def launch(self, program_id: str, arguments: list[str] | tuple[str, ...] = (), prompt_hint: str = "",
+               tenant: str = "") -> LaunchStream:
         """Start a program; `prompt_hint` (optional) is text its context will start with, which a
-        cluster uses to place it beside a cached prefix."""
-        request = pie_pb2.LaunchRequest(program_id=program_id, arguments=list(arguments), prompt_hint=prompt_hint)
+        cluster uses to place it beside a cached prefix; `tenant` (optional) names whose prefix
+        cache it shares."""
+        request = pie_pb2.LaunchRequest(program_id=program_id, arguments=list(arguments), prompt_hint=prompt_hint,
+                                        tenant=tenant)
         call = self._stub.Launch(request, metadata=self._metadata)
         return LaunchStream(call, self.address, self.terminate)
 

@@ -70,6 +70,11 @@ def _refuse(context: grpc.ServicerContext, error: InferletError):
     context.abort(status_of(error), str(error))  # raises
 
 
+def cache_scope(request: pie_pb2.LaunchRequest) -> str:
+    """Whose prefix-cache pages a launch may reuse: the same program's, under the same tenant."""
+    return f"{request.program_id}/{request.tenant}"
+
+
 @dataclass
 class _Live:
     running: RunningInferlet
@@ -120,19 +125,38 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                 size += len(chunk.data)
                 self.store.check_size(size)  # before holding more of an oversized upload
                 parts.append(chunk.data)
-            compiled = []
-            stored = self.store.put(b"".join(parts), declared, validate=lambda p: compiled.append(self._compile(p)))
-            component = compiled[0] if compiled else self._component(stored.program_id)
-            with self._lock:
-                self._components[stored.program_id] = component
+            stored = self._store(b"".join(parts), declared)
             return pie_pb2.ProgramRef(program_id=stored.program_id, size=stored.size,
                                       already_present=stored.already_present)
         except InferletError as e:
             _refuse(context, e)
 
+    def _store(self, data: bytes, declared: str = ""):
+        """Store and compile a component (refusing what is not an inferlet); its StoredProgram."""
+        compiled = []
+        stored = self.store.put(data, declared, validate=lambda p: compiled.append(self._compile(p)))
+        component = compiled[0] if compiled else self._component(stored.program_id)
+        with self._lock:
+            self._components[stored.program_id] = component
+        return stored
+
+    def add_program(self, data: bytes) -> str:
+        """Upload a component from inside the server (a built-in inferlet); its program id."""
+        return self._store(data).program_id
+
+    def model_name(self) -> str:
+        return self._capacity()["model"]
+
     # -- running inferlets -----------------------------------------------------------------------
-    def _start(self, component: wc.Component, request: pie_pb2.LaunchRequest, context,
-               events: queue.SimpleQueue) -> RunningInferlet:
+    def start(self, program_id: str, arguments: list[str], events, prompt_hint: str = "",
+              tenant: str = "") -> RunningInferlet:
+        """Launch a stored program from inside the server (the OpenAI API): as Launch does, with
+        its messages and then its Outcome put on `events` (anything with put()); refusals raise."""
+        request = pie_pb2.LaunchRequest(program_id=program_id, arguments=arguments, prompt_hint=prompt_hint,
+                                        tenant=tenant)
+        return self._start(self._component(program_id), request, events)
+
+    def _start(self, component: wc.Component, request: pie_pb2.LaunchRequest, events) -> RunningInferlet:
         def ended(outcome: Outcome) -> None:  # on the scheduler thread (or a relay's)
             with self._lock:
                 self._live.pop(outcome.instance_id, None)
@@ -147,7 +171,7 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                                f"limit; retry when some have ended")
             self._starting += 1
         try:  # outside the lock: a cluster gateway's launch waits for a host
-            running = self._launch(component, request, context, events.put, ended)
+            running = self._launch(component, request, events.put, ended)
         except BaseException:
             with self._lock:
                 self._starting -= 1
@@ -158,15 +182,16 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                 self._live[running.instance_id] = _Live(running, request.program_id, time.monotonic())
         return running
 
-    def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest, context,
+    def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest,
                 on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RunningInferlet:
         """Start the inferlet (cluster mode overrides where and how)."""
-        return self.host.launch(component, list(request.arguments), on_message=on_message, on_end=on_end)
+        return self.host.launch(component, list(request.arguments), on_message=on_message, on_end=on_end,
+                                cache_scope=cache_scope(request))
 
     def Launch(self, request: pie_pb2.LaunchRequest, context) -> Iterator[pie_pb2.Event]:
         events: queue.SimpleQueue[str | Outcome] = queue.SimpleQueue()
         try:
-            running = self._start(self._component(request.program_id), request, context, events)
+            running = self._start(self._component(request.program_id), request, events)
         except InferletError as e:
             _refuse(context, e)
         if not context.add_callback(lambda: running.stop("its client went away")):

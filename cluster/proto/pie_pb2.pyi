@@ -31,14 +31,16 @@ class ProgramRef(_message.Message):
     def __init__(self, program_id: _Optional[str] = ..., size: _Optional[int] = ..., already_present: _Optional[bool] = ...) -> None: ...
 
 class LaunchRequest(_message.Message):
-    __slots__ = ("program_id", "arguments", "prompt_hint")
+    __slots__ = ("program_id", "arguments", "prompt_hint", "tenant")
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_HINT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     program_id: str
     arguments: _containers.RepeatedScalarFieldContainer[str]
     prompt_hint: str
-    def __init__(self, program_id: _Optional[str] = ..., arguments: _Optional[_Iterable[str]] = ..., prompt_hint: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, program_id: _Optional[str] = ..., arguments: _Optional[_Iterable[str]] = ..., prompt_hint: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("started", "message", "finished", "failed")

@@ -121,8 +121,10 @@ class InferletHost:
 
     def launch(self, program: str | Path | wc.Component, arguments: list[str] = (), limits: Limits | None = None,
                on_message: Callable[[str], None] | None = None,
-               on_end: Callable[[Outcome], None] | None = None, instance_id: str | None = None) -> RunningInferlet:
-        """Start an inferlet; `instance_id` names it (default: a fresh `inferlet-<host>-<n>`)."""
+               on_end: Callable[[Outcome], None] | None = None, instance_id: str | None = None,
+               cache_scope: str = "") -> RunningInferlet:
+        """Start an inferlet; `instance_id` names it (default: a fresh `inferlet-<host>-<n>`).
+        `cache_scope` (program and tenant) decides whose prefix-cache pages it may reuse."""
         component = self.component(program)
         limits = limits or self.limits
         instance_id = instance_id or f"inferlet-{self.host_id}-{next(self._ids)}"
@@ -140,7 +142,7 @@ class InferletHost:
             if on_end:
                 on_end(outcome)
 
-        session = InferletSession(instance_id, list(arguments), self.services, limits, deliver)
+        session = InferletSession(instance_id, list(arguments), self.services, limits, deliver, cache_scope)
         task = Task(session, component, limits, ended)
         self.scheduler.start(task)
         return RunningInferlet(instance_id, self, session, task, outcome, finished)

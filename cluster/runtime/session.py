@@ -30,8 +30,9 @@ class PassInFlight:
 
 class InferletSession:
     def __init__(self, instance_id: str, arguments: list[str], services: HostServices, limits: Limits,
-                 on_message: Callable[[str], None]):
+                 on_message: Callable[[str], None], cache_scope: str = ""):
         self.instance_id = instance_id
+        self.cache_scope = cache_scope  # program and tenant: whose prefix-cache pages this inferlet may reuse
         self.arguments = list(arguments)
         self.services = services
         self.limits = limits

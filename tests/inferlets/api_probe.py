@@ -67,11 +67,11 @@ def mode_samplers(args):
     banned = int(args[1])
     words = [0xFFFFFFFF] * (-(-vocab // 32))
     words[banned // 32] &= ~(1 << (banned % 32)) & 0xFFFFFFFF
-    specs = [forward.OutputSpec(n - 1, greedy(), None, None),
-             forward.OutputSpec(n - 1, sample(0.8, 40, 0.9, 0.0, 7), None, None),
-             forward.OutputSpec(n - 1, distribution(5, 1.0), None, None),
-             forward.OutputSpec(n - 1, logprobs([banned, 42]), None, None),
-             forward.OutputSpec(n - 1, greedy(), words, None)]
+    specs = [forward.OutputSpec(n - 1, greedy(), None, None, False),
+             forward.OutputSpec(n - 1, sample(0.8, 40, 0.9, 0.0, 7), None, None, False),
+             forward.OutputSpec(n - 1, distribution(5, 1.0), None, None, False),
+             forward.OutputSpec(n - 1, logprobs([banned, 42]), None, None, False),
+             forward.OutputSpec(n - 1, greedy(), words, None, False)]
     h = unwrap(forward.submit, forward.Pass(tokens, list(range(n)), pages, last, None, specs))
     outs = [o.value for o in unwrap(forward.wait, h)]
     emit(tokens=tokens, pages=pages, greedy=outs[0], sampled=outs[1], dist_ids=outs[2][0], dist_probs=outs[2][1],
@@ -103,7 +103,7 @@ def mode_masked_pass(args):
     count = -(-n // ps)
     last = n - (count - 1) * ps
     plain_pages, masked_pages = unwrap(kv.allocate, count), unwrap(kv.allocate, count)
-    spec = [forward.OutputSpec(n - 1, logprobs([0, 1, 2, 100]), None, None)]
+    spec = [forward.OutputSpec(n - 1, logprobs([0, 1, 2, 100]), None, None, False)]
     rows = [[1, n - 1]] + [[0, 1, i, n - 1 - i] for i in range(1, n)]  # row i: skip slot 0, attend 1..i
     h1 = unwrap(forward.submit, forward.Pass(tokens, list(range(n)), plain_pages, last, None, spec))
     h2 = unwrap(forward.submit, forward.Pass(tokens, list(range(n)), masked_pages, last, rows, spec))
@@ -308,7 +308,7 @@ def mode_raise(args):
 
 def mode_wrong_type(args):
     """None where the WIT has a sampler variant: the bindings trap while lowering it."""
-    forward.submit(forward.Pass([1], [0], unwrap(kv.allocate, 1), 1, None, [forward.OutputSpec(0, None, None, None)]))
+    forward.submit(forward.Pass([1], [0], unwrap(kv.allocate, 1), 1, None, [forward.OutputSpec(0, None, None, None, False)]))
 
 
 def mode_spin(args):

@@ -89,13 +89,13 @@ def _sampler(s: InferletSession, spec, vocab_size: int) -> Sampler:
             raise Refused(f"no grammar matcher with handle {spec.grammar}")
         by_grammar = unpack_bitmask(matcher.allowed_bitmask(), vocab_size)
         allowed = by_grammar if allowed is None else allowed & by_grammar
-    sampler = spec.sampler
+    sampler, with_logprob = spec.sampler, getattr(spec, "with-logprob")
     if sampler is None:
-        return Sampler("greedy", allowed=allowed)
+        return Sampler("greedy", allowed=allowed, with_logprob=with_logprob)
     if isinstance(sampler, wc.Record):
         return Sampler("sample", temperature=sampler.temperature, top_k=getattr(sampler, "top-k"),
                        top_p=getattr(sampler, "top-p"), min_p=getattr(sampler, "min-p"), seed=sampler.seed,
-                       allowed=allowed)
+                       allowed=allowed, with_logprob=with_logprob)
     if isinstance(sampler, tuple):
         return Sampler("distribution", top_k=sampler[0], temperature=sampler[1], allowed=allowed)
     return Sampler("logprobs", token_ids=tuple(sampler), allowed=allowed)
@@ -121,9 +121,11 @@ def decode_mask(rows: list[list[int]], q_len: int, kv_len: int) -> np.ndarray:
     return mask
 
 
-def _output(result):
+def _output(result) -> wc.Variant:
     if result.token is not None:
-        return result.token
+        if result.logprob is not None:
+            return wc.Variant("token-logprob", (result.token, result.logprob))
+        return wc.Variant("token", result.token)
     if result.ids is not None:
-        return (result.ids.tolist(), result.probs.tolist())
-    return result.logprobs.tolist()
+        return wc.Variant("distribution", (result.ids.tolist(), result.probs.tolist()))
+    return wc.Variant("logprobs", result.logprobs.tolist())

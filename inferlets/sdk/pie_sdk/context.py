@@ -168,13 +168,20 @@ class Context:
         self.next_position += len(inputs)
         return handle
 
-    def submit_step(self, sampler=None, allowed=None, grammar=None) -> int:
-        """Queue the pass writing the pending tokens; returns its handle (see forward.wait)."""
+    def submit_step(self, sampler=None, allowed=None, grammar=None, logprob: bool = False,
+                    top_logprobs: int = 0) -> int:
+        """Queue the pass writing the pending tokens; returns its handle (see forward.wait).
+
+        Its outputs: the sampled token (with `logprob`, the pair (token, its log-probability)),
+        then with `top_logprobs` k > 0 the k most likely tokens and their probabilities."""
         if not self.pending:
             raise ValueError("nothing to run: fill the context first")
-        spec = forward.OutputSpec(len(self.pending) - 1, sampler or greedy(), allowed,
-                                  None if grammar is None else grammar.handle)
-        handle = self._submit(self.pending, [spec])
+        last = len(self.pending) - 1
+        specs = [forward.OutputSpec(last, sampler or greedy(), allowed, None if grammar is None else grammar.handle,
+                                    logprob)]
+        if top_logprobs:
+            specs.append(forward.OutputSpec(last, distribution(top_logprobs), None, None, False))
+        handle = self._submit(self.pending, specs)
         self.tokens.extend(self.pending)
         self.pending = []
         return handle
@@ -213,7 +220,7 @@ class Context:
                 break
             if grammar is not None and grammar.is_finished():
                 break
-            safe = len(text) - _held_back(text, stop_strings)
+            safe = len(text) - held_back(text, stop_strings)
             if not text.endswith("\ufffd") and safe > printed:
                 yield text[printed:safe]
                 printed = safe
@@ -222,6 +229,37 @@ class Context:
 
     def generate(self, max_tokens: int, sampler=None, stop_tokens=None, stop_strings=(), grammar=None) -> str:
         return "".join(self.generate_stream(max_tokens, sampler, stop_tokens, stop_strings, grammar))
+
+    # -- the prefix cache ------------------------------------------------------------------------
+    def reuse_cached_prefix(self) -> int:
+        """On an empty context filled with tokens not yet run: take the worker's cached KV for the
+        longest run of whole pages of them (computed by an earlier inferlet of this program and
+        tenant) instead of computing it; returns how many tokens that covers. At least one token
+        stays pending, so the next step has an output."""
+        if self.pages or self.kv_len:
+            raise ValueError("reuse_cached_prefix needs an empty context (fill it, then call this first)")
+        if len(self.pending) <= self.page_size:
+            return 0
+        pages, covered = unwrap(kv.cache_lookup, self.pending[:len(self.pending) - 1])
+        if not pages:
+            return 0
+        self.pages = list(pages)
+        _hold(self.pages, new_host_refs=True)
+        _readonly.update(self.pages)
+        self.tokens, self.pending = self.pending[:covered], self.pending[covered:]
+        self.kv_len = self.next_position = covered
+        return covered
+
+    def cache_prefix(self) -> int:
+        """Offer this context's whole pages to the worker's prefix cache, for later inferlets of this
+        program and tenant that start with the same tokens; returns how many pages it took. Only
+        a plain history qualifies (positions = slots, nothing masked or dropped); else 0."""
+        full = self.kv_len // self.page_size
+        if not full or self._masks or self.next_position != self.kv_len or len(self.tokens) != self.kv_len:
+            return 0
+        taken = unwrap(kv.cache_store, self.tokens[:full * self.page_size], self.pages[:full])
+        _readonly.update(self.pages[:full])
+        return taken
 
     # -- sharing ---------------------------------------------------------------------------------
     def fork(self) -> "Context":
@@ -321,7 +359,7 @@ class Context:
                                                                                         max_tokens - len(generated) - 1))]
             inputs = self.pending + draft
             first = len(self.pending) - 1
-            specs = [forward.OutputSpec(first + j, greedy(), None, None) for j in range(len(draft) + 1)]
+            specs = [forward.OutputSpec(first + j, greedy(), None, None, False) for j in range(len(draft) + 1)]
             outs = [o.value for o in unwrap(forward.wait, self._submit(inputs, specs))]
             rounds += 1
             matched = 0
@@ -382,7 +420,7 @@ def ngram_drafter(n: int = 2, k: int = 4):
     return draft
 
 
-def _held_back(text: str, stop_strings) -> int:
+def held_back(text: str, stop_strings) -> int:
     """How many trailing characters could begin a stop string (not yet safe to show)."""
     held = 0
     for s in stop_strings:
