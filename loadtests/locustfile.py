@@ -1,15 +1,18 @@
-"""A locust load test of a pie server: each user launches the text_completion inferlet over gRPC,
-again and again, and reads its event stream.
+"""A locust load test of a pie server. Two users, one per API (name the one to run):
+TextCompletionUser launches the text_completion inferlet over gRPC, again and again, and reads its
+event stream; OpenAIChatUser sends streaming chat completions to the OpenAI API (`pie serve
+--http-port`) with locust's own HTTP client.
 
-    locust -f loadtests/locustfile.py --headless -u 4 -r 4 -t 60s --host 127.0.0.1:50051 \
+    locust -f loadtests/locustfile.py TextCompletionUser --headless -u 4 -r 4 -t 60s --host 127.0.0.1:50051 \
         --wasm text_completion.wasm [--max-tokens 32] [--no-ignore-eos] [--launch-timeout 300] \
         [--samples-json samples.json] [--pie-token T]
+    locust -f loadtests/locustfile.py OpenAIChatUser --headless -u 4 -r 4 -t 60s --host http://127.0.0.1:8000 ...
 
 `loadtests/run.py` (`make loadtest`) builds the component, starts `pie serve` and runs this. Metrics,
-as locust requests of type "grpc" (milliseconds):
-    ttft  from the Launch call to the first Message event
-    itl   each gap between consecutive Message events of one launch (one per message after the first)
-    e2e   from the Launch call to Finished; its "size" is the number of messages
+as locust requests of type "grpc" or "http" (milliseconds):
+    ttft  from the Launch call (the POST) to the first Message event (the first chunk with text)
+    itl   each gap between consecutive messages (chunks with text) of one request
+    e2e   from the request to Finished (`data: [DONE]`); its "size" is the number of messages
 Each user runs a closed loop with no think time, cycling through a few prompts, with --ignore-eos
 (every launch generates --max-tokens). A Failed event or a gRPC error (a launch past --launch-timeout
 included) is a failure of "e2e" carrying the error text; a failed upload is a failure of "upload" and
@@ -35,7 +38,7 @@ import gevent
 import gevent.lock
 import grpc
 import grpc.experimental.gevent
-from locust import User, constant, events, task
+from locust import HttpUser, User, constant, events, task
 from locust.exception import StopUser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
@@ -125,6 +128,14 @@ def _write_samples(environment, **_) -> None:
         json.dump(report, f)
 
 
+def _record(environment, request_type: str, name: str, ms: float, length: int = 0,
+            exception: BaseException | None = None) -> None:
+    if exception is None and name in SAMPLES_MS:
+        SAMPLES_MS[name].append(ms)
+    environment.events.request.fire(request_type=request_type, name=name, response_time=ms,
+                                    response_length=length, exception=exception, context={})
+
+
 def _describe(error: grpc.RpcError) -> str:
     return f"{error.code().name}: {error.details()}"
 
@@ -162,10 +173,7 @@ class TextCompletionUser(User):
             channel.close()
 
     def _fire(self, name: str, ms: float, length: int = 0, exception: BaseException | None = None) -> None:
-        if exception is None and name in SAMPLES_MS:
-            SAMPLES_MS[name].append(ms)
-        self.environment.events.request.fire(request_type="grpc", name=name, response_time=ms,
-                                             response_length=length, exception=exception, context={})
+        _record(self.environment, "grpc", name, ms, length, exception)
 
     @task
     def text_completion(self) -> None:
@@ -202,3 +210,62 @@ class TextCompletionUser(User):
             end(f"Launch: {_describe(e)}")
         finally:
             call.cancel()  # no-op after the end; stops the inferlet when the test stops this user mid-stream
+
+
+class OpenAIChatUser(HttpUser):
+    """One client at a time: a streaming chat completion over the OpenAI API, read to `[DONE]`."""
+
+    wait_time = constant(0)
+    _prompts = itertools.cycle(PROMPTS)
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        self.max_tokens = opts.max_tokens if opts else 32
+        self.ignore_eos = not (opts and opts.no_ignore_eos)
+        self.timeout = opts.launch_timeout if opts else 300.0
+        token = opts.pie_token if opts else ""
+        self.headers = {"Authorization": f"Bearer {token or 'none'}"}
+        models = self.client.get("/v1/models", headers=self.headers, name="models")
+        self.model = models.json()["data"][0]["id"] if models.ok else None
+        if self.model is None:
+            log.error("GET /v1/models at %s failed (%s); stopping the test", self.host, models.status_code)
+            self.environment.process_exit_code = 2
+            gevent.spawn(self.environment.runner.quit)
+
+    @task
+    def chat(self) -> None:
+        if self.model is None:
+            raise StopUser()
+        body = {"model": self.model, "messages": [{"role": "user", "content": next(self._prompts)}],
+                "max_tokens": self.max_tokens, "stream": True, "ignore_eos": self.ignore_eos}
+        start = time.perf_counter()
+        messages, last, error = 0, None, "the stream ended without data: [DONE]"
+        try:
+            with self.client.post("/v1/chat/completions", json=body, headers=self.headers, stream=True,
+                                  timeout=self.timeout, name="chat", catch_response=True) as response:
+                response.success()  # the figures below are what count, not locust's own row
+                if response.status_code != 200:
+                    error = f"HTTP {response.status_code}: {response.text[:200]}"
+                else:
+                    for line in response.iter_lines():
+                        if not line.startswith(b"data: "):
+                            continue
+                        data = line[6:]
+                        if data == b"[DONE]":
+                            error = None
+                            break
+                        chunk = json.loads(data)
+                        if "error" in chunk:
+                            error = f"error in the stream: {chunk['error'].get('message')}"
+                            break
+                        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            now = time.perf_counter()
+                            if last is None:
+                                _record(self.environment, "http", "ttft", (now - start) * 1e3)
+                            else:
+                                _record(self.environment, "http", "itl", (now - last) * 1e3)
+                            messages, last = messages + 1, now
+        except Exception as e:  # a connection error or a timeout: the request failed
+            error = f"{type(e).__name__}: {e}"
+        _record(self.environment, "http", "e2e", (time.perf_counter() - start) * 1e3, messages,
+                RuntimeError(error) if error else None)

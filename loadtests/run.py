@@ -1,6 +1,6 @@
 """Load-test a pie server with locust for a bounded time and print TTFT / ITL / end-to-end latency.
 
-    .venv/bin/python loadtests/run.py [--users 4] [--duration 60s] [--max-tokens 32]
+    .venv/bin/python loadtests/run.py [--api grpc|openai] [--users 4] [--duration 60s] [--max-tokens 32]
                                       [--server-args="--dtype fp32"] [--addr HOST:PORT] [--out-dir DIR]
 
 By default it starts `pie serve --port <a free port>` (plus --server-args), builds the text_completion
@@ -8,6 +8,9 @@ inferlet while the model loads, waits for the server's Health, uploads the compo
 compiles it), runs `locust -f loadtests/locustfile.py --headless` in its own process, prints locust's
 summary and a compact one of ttft / itl / e2e, and stops the server. With --addr it targets a server
 that is already running instead. locust's CSV files and the server's log go to --out-dir.
+
+With --api openai the users send streaming chat completions to the OpenAI API instead (the server is
+started with --http-port; nothing is built or uploaded; --addr is then the HTTP base, http://HOST:PORT).
 
 Exit status: 0 when every request succeeded, 1 when any failed (or none finished), 2 when the test
 could not run (the build failed, the server did not come up, locust did not start).
@@ -71,10 +74,15 @@ def duration(text: str) -> str:
 class Server:
     """`pie serve` as a subprocess, its stdout and stderr in one log file."""
 
-    def __init__(self, extra_args: list[str], log: Path):
+    def __init__(self, extra_args: list[str], log: Path, http: bool = False):
         self.address = f"127.0.0.1:{free_port()}"
         self.log = log
         cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", self.address.rsplit(":", 1)[1], *extra_args]
+        self.http_url = None
+        if http:
+            port = free_port()
+            cmd += ["--http-port", str(port)]
+            self.http_url = f"http://127.0.0.1:{port}"
         say(f"starting the server: pie {' '.join(shlex.quote(a) for a in cmd[3:])} (log: {log})")
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -148,11 +156,14 @@ def upload(address: str, token: str | None, wasm: Path) -> None:
     say(f"uploaded the component as {program[:12]}... in {time.monotonic() - t0:.1f} s")
 
 
-def run_locust(opts, address: str, wasm: Path, prefix: Path, report: Path) -> int:
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+def run_locust(opts, address: str, wasm: Path | None, prefix: Path, report: Path) -> int:
+    user = "OpenAIChatUser" if opts.api == "openai" else "TextCompletionUser"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), user, "--headless", "--only-summary",
            "-u", str(opts.users), "-r", str(opts.spawn_rate or opts.users), "-t", opts.duration,
            "--host", address, "--csv", str(prefix), "--samples-json", str(report),
-           "--wasm", str(wasm), "--max-tokens", str(opts.max_tokens)]
+           "--max-tokens", str(opts.max_tokens)]
+    if wasm is not None:
+        cmd += ["--wasm", str(wasm)]
     if opts.no_ignore_eos:
         cmd.append("--no-ignore-eos")
     env = {**os.environ, "PIE_TOKEN": opts.token or ""}  # the token goes by environment, not on the command line
@@ -199,6 +210,9 @@ def summarize(report: dict, csv_prefix: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="loadtests/run.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--api", choices=["grpc", "openai"], default="grpc",
+                    help="grpc: launch text_completion over the client API (default); openai: streaming chat "
+                         "completions over the OpenAI API")
     ap.add_argument("--users", type=int, default=4, help="concurrent locust users, each one launch at a time (default 4)")
     ap.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all at once)")
     ap.add_argument("--duration", type=duration, default="60s", help="how long locust runs, e.g. 60s, 2m (default 60s)")
@@ -219,12 +233,16 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     try:
+        openai = opts.api == "openai"
         if opts.addr is None:
-            server = Server(shlex.split(opts.server_args), out_dir / "server.log")
-        wasm = opts.wasm or build_component(out_dir)  # while the server loads its model
-        address = opts.addr or server.address
-        wait_for_health(address, opts.token, server, opts.ready_timeout if server else 10.0)
-        upload(address, opts.token, wasm)
+            server = Server(shlex.split(opts.server_args), out_dir / "server.log", http=openai)
+        wasm = None if openai else opts.wasm or build_component(out_dir)  # while the server loads its model
+        if server is not None or not openai:
+            wait_for_health(server.address if server else opts.addr, opts.token, server,
+                            opts.ready_timeout if server else 10.0)
+        if not openai:
+            upload(opts.addr or server.address, opts.token, wasm)
+        address = opts.addr or (server.http_url if openai else server.address)
         rc = run_locust(opts, address, wasm, prefix, out_dir / "samples.json")
         if rc not in (0, 1):  # 1: some requests failed, which the report says
             raise SetupError(f"locust exited with status {rc}: see its output above")

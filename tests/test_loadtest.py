@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "ray")
 
@@ -22,8 +24,9 @@ def test_the_locustfile_imports_neither_torch_nor_ray():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_a_short_load_test_records_ttft_itl_and_e2e_without_failures(tmp_path):
-    cmd = [sys.executable, "loadtests/run.py", "--users", "2", "--duration", "12s", "--max-tokens", "8",
+@pytest.mark.parametrize("api", ["grpc", "openai"])
+def test_a_short_load_test_records_ttft_itl_and_e2e_without_failures(tmp_path, api):
+    cmd = [sys.executable, "loadtests/run.py", "--api", api, "--users", "2", "--duration", "12s", "--max-tokens", "8",
            "--out-dir", str(tmp_path)]
     # its own session: on a timeout the driver, its server and locust are all stopped
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
