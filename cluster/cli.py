@@ -3,9 +3,11 @@
     pie build SOURCE.py [-o OUT.wasm]        build an inferlet into a component (cached by content)
     pie run PROGRAM [--model M] [-- ARGS...]   run an inferlet on the embedded engine, printing what it sends
     pie serve [--host 127.0.0.1] [--port 50051] [--model M] [--dtype bf16] [--token T] [--max-running N]
+              [--http-port P [--openai-inferlet PATH]]
               [--ray [--workers N] [--hosts N] [--ray-address ADDR] [--device cpu|cuda]]
                                              serve the client gRPC API until Ctrl-C or SIGTERM
                                              (--port 0: any free port; the token may come from PIE_TOKEN);
+                                             --http-port: the OpenAI-compatible HTTP API too, on --host;
                                              --ray: on Ray actors (a local Ray unless --ray-address)
     pie submit --addr HOST:PORT PROGRAM [--token T] [--metadata K=V] [--prompt-hint TEXT] [-- ARGS...]
                                              upload PROGRAM (.py, built here, or .wasm) to a server, run it,
@@ -55,15 +57,24 @@ def _serve(opts) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stopping.set())
     try:
+        http = None
         try:
             server = serve_service(service, opts.port, opts.host, token=opts.token or None)
+            if opts.http_port is not None:
+                from cluster.api.openai_http import serve_openai
+
+                http = serve_openai(service, opts.host, opts.http_port, opts.token or None, opts.openai_inferlet)
         except OSError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         auth = "a bearer token" if opts.token else "no authentication"
         print(f"pie: serving {what} on {server.target} ({auth})", flush=True)
+        if http is not None:
+            print(f"pie: serving the OpenAI API on {http.url} ({auth})", flush=True)
         stopping.wait()
         print("pie: stopping", flush=True)
+        if http is not None:
+            http.stop()
         server.stop(grace=2.0)
     finally:
         close()
@@ -178,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--token", default=os.environ.get("PIE_TOKEN"),
                    help="require `authorization: Bearer TOKEN` on every call (default: $PIE_TOKEN)")
     s.add_argument("--max-running", type=_positive_int, default=None, help="inferlets running at once (default: 224)")
+    s.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/...) on this port of --host; 0: any free one")
+    s.add_argument("--openai-inferlet", default=None, metavar="PATH",
+                   help="with --http-port: the inferlet (.py or .wasm) serving each request "
+                        "(default: inferlets/builtin/openai_server.py)")
     s.add_argument("--ray", action="store_true", help="cluster mode: workers, hosts and the directory as Ray actors")
     s.add_argument("--workers", type=_positive_int, default=2, help="with --ray: worker actors (one per GPU)")
     s.add_argument("--hosts", type=_positive_int, default=1, help="with --ray: inferlet host actors")

@@ -48,6 +48,7 @@ from ray import serve
 from cluster.actors.cluster import ClusterSpec, start_cluster
 from cluster.rpc.grpc_auth import BearerTokenAuth
 from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, UNARY_THREADS
+from cluster.api.openai_http import OpenAIFrontend, respond
 from cluster.proto import pie_pb2
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log (logs/serve/replica_*.log)
@@ -113,6 +114,9 @@ class AppArgs:
     # callers must send `authorization: Bearer <token>`; null: the replica's PIE_TOKEN if set (give it
     # through runtime_env.env_vars rather than writing a token into the config), else no authentication
     token: str | None = None
+    # the inferlet serving each OpenAI API request on Serve's HTTP proxy (a .py or .wasm path on the
+    # replica's node); null: the built-in inferlets/builtin/openai_server.py
+    openai_inferlet: str | None = None
 
     def spec(self) -> ClusterSpec:
         return ClusterSpec(workers=self.workers, hosts=self.hosts, model=self.model, dtype=self.dtype,
@@ -151,6 +155,12 @@ class ServeGateway:
         token = args.token or os.environ.get("PIE_TOKEN") or None
         self._auth = BearerTokenAuth(token) if token else None
         self._upload_pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="pie-upload")
+        self.openai = OpenAIFrontend(self.service, args.openai_inferlet, token)  # builds the inferlet once (cached)
+
+    async def __call__(self, request):
+        """Serve's HTTP proxy: the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions
+        under the application's route_prefix), the same routes as `pie serve --http-port`."""
+        return await respond(self.openai, request)
 
     def _context(self, grpc_context) -> ServeContext:
         context = ServeContext(grpc_context)

@@ -190,6 +190,29 @@ def test_the_clusters_own_services_refuse_callers_without_its_token(cluster):
     bus.close()
 
 
+def test_the_openai_api_through_the_gateway(cluster, client):
+    """The OpenAI API over cluster mode's gateway: the built-in inferlet runs on a host actor."""
+    import openai
+
+    from cluster.api.openai_http import serve_openai
+
+    http = serve_openai(cluster.gateway_service(), port=0)
+    try:
+        api = openai.OpenAI(base_url=http.url, api_key="k", max_retries=0, timeout=180)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        reply = api.chat.completions.create(model=api.models.list().data[0].id, messages=question, max_tokens=16,
+                                            temperature=0)
+        assert "Paris" in reply.choices[0].message.content and reply.usage.completion_tokens > 3
+        streamed = api.chat.completions.create(model=reply.model, messages=question, max_tokens=16, temperature=0,
+                                               stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply.choices[0].message.content
+    finally:
+        http.stop()
+    wait_until(lambda: client.health().running == 0, 30)
+    assert ray.get([w.reset_prefix_cache.remote() for w in cluster.workers]) == [0, 0]
+    settled(cluster)  # every page back once the cache lets go of its own
+
+
 def test_health_sums_both_workers(client):
     health = client.health()
     assert health.total_pages == 2 * NUM_PAGES and health.model.startswith("SmolLM2")

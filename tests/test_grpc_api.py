@@ -301,22 +301,25 @@ def test_generated_code_is_current(tmp_path):
 
 @pytest.fixture(scope="module")
 def pie_server(session_cache_dir, tmp_path_factory):
-    """`pie serve --port 0` in its own process; yields its address."""
+    """`pie serve --port 0 --http-port 0` in its own process; yields (gRPC address, OpenAI base URL)."""
     env = {**os.environ, "PIE_CACHE_DIR": session_cache_dir, "PIE_TOKEN": ""}
     log = tmp_path_factory.mktemp("pie-serve") / "stderr.txt"
     with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--port", "0", "--dtype", "fp32"],
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--port", "0", "--dtype", "fp32",
+                                 "--http-port", "0"],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     lines: list[str] = []
-    address = threading.Event()
-    reader = threading.Thread(target=lambda: [lines.append(ln) or address.set() for ln in proc.stdout], daemon=True)
+    both = threading.Event()
+    reader = threading.Thread(target=lambda: [lines.append(ln) or len(lines) < 2 or both.set() for ln in proc.stdout],
+                              daemon=True)
     reader.start()
-    if not address.wait(180):
+    if not both.wait(240):
         proc.kill()
-        pytest.fail(f"pie serve printed no address; its stderr:\n{log.read_text()[-3000:]}")
+        pytest.fail(f"pie serve printed no addresses; its stderr:\n{log.read_text()[-3000:]}")
     served = re.match(r"pie: serving .* on (127\.0\.0\.1:\d+) ", lines[0])
-    assert served, (lines, log.read_text()[-3000:])
-    yield served.group(1)
+    http = re.match(r"pie: serving the OpenAI API on (http://127\.0\.0\.1:\d+/v1) ", lines[1])
+    assert served and http, (lines, log.read_text()[-3000:])
+    yield served.group(1), http.group(1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     reader.join(5)
@@ -329,11 +332,20 @@ def _submit(address: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_pie_serve_and_pie_submit(pie_server):
-    done = _submit(pie_server, str(EXAMPLE), "--", "--prompt", QUESTION, "--max-tokens", "16")
+    done = _submit(pie_server[0], str(EXAMPLE), "--", "--prompt", QUESTION, "--max-tokens", "16")
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
-    failed = _submit(pie_server, str(EXAMPLE), "--", "--nope")
+    failed = _submit(pie_server[0], str(EXAMPLE), "--", "--nope")
     assert failed.returncode == 1
     assert "unrecognized arguments: --nope" in failed.stderr
     unreachable = _submit("127.0.0.1:1", str(EXAMPLE))
     assert unreachable.returncode == 2 and "UNAVAILABLE" in unreachable.stderr
+
+
+def test_pie_serve_http_port_serves_the_openai_api(pie_server):
+    import openai
+
+    client = openai.OpenAI(base_url=pie_server[1], api_key="any", max_retries=0, timeout=180)
+    reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=16, temperature=0,
+                                           messages=[{"role": "user", "content": QUESTION}])
+    assert "Paris" in reply.choices[0].message.content
