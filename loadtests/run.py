@@ -145,6 +145,33 @@ def wait_for_health(address: str, token: str | None, server: Server | None, time
             time.sleep(0.5)
 
 
+def wait_for_http(url: str, token: str | None, server: Server | None, timeout_s: float) -> None:
+    """Poll GET /v1/models until the OpenAI API answers (it starts after the gRPC API: the server
+    builds its inferlet first)."""
+    import urllib.error
+    import urllib.request
+
+    t0 = time.monotonic()
+    request = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {token or 'none'}"})
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                model = json.loads(response.read())["data"][0]["id"]
+            say(f"the OpenAI API at {url} answers after {time.monotonic() - t0:.1f} s: model {model}")
+            return
+        except urllib.error.HTTPError as e:
+            raise SetupError(f"GET {url}/v1/models answered {e.code}: {e.read()[:200]!r}") from None
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            last_error = e
+        if server is not None and server.exited() is not None:
+            raise SetupError(f"the server exited with status {server.exited()}; the end of its log ({server.log}):\n"
+                             f"{tail(server.log)}")
+        if time.monotonic() - t0 > timeout_s:
+            raise SetupError(f"the OpenAI API at {url} did not answer within {timeout_s:.0f} s (last error: "
+                             f"{last_error})")
+        time.sleep(0.5)
+
+
 def upload(address: str, token: str | None, wasm: Path) -> None:
     """Upload once before the test: the server compiles a new component (~5 s), outside the measured run."""
     t0 = time.monotonic()
@@ -243,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         if not openai:
             upload(opts.addr or server.address, opts.token, wasm)
         address = opts.addr or (server.http_url if openai else server.address)
+        if openai:
+            wait_for_http(address, opts.token, server, opts.ready_timeout if server else 10.0)
         rc = run_locust(opts, address, wasm, prefix, out_dir / "samples.json")
         if rc not in (0, 1):  # 1: some requests failed, which the report says
             raise SetupError(f"locust exited with status {rc}: see its output above")
