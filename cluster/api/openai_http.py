@@ -107,7 +107,14 @@ class OpenAIFrontend:
         """The inferlet's events for `job` as parsed JSON objects, ending with its Outcome; the
         inferlet is stopped if the caller stops iterating (a client that went away)."""
         sink = _Sink(asyncio.get_running_loop())
-        running = self.start(job, authorization, sink)
+        # off the event loop: a cluster gateway's launch waits for a host (and uploads the program once)
+        launch = asyncio.ensure_future(asyncio.to_thread(self.start, job, authorization, sink))
+        try:
+            running = await asyncio.shield(launch)
+        except asyncio.CancelledError:  # the client went away during the launch: stop what it starts
+            launch.add_done_callback(lambda f: f.cancelled() or f.exception() is not None
+                                     or f.result().stop("its HTTP client went away"))
+            raise
         ended = False
         try:
             while True:
