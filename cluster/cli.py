@@ -1,13 +1,15 @@
 """The `pie` command line.
 
     pie build SOURCE.py [-o OUT.wasm]        build an inferlet into a component (cached by content)
-    pie run PROGRAM [--model M] [-- ARGS...]   run an inferlet on the embedded engine, printing what it sends
+    pie run PROGRAM [--model M] [--allow-http HOST[:PORT]]... [-- ARGS...]
+                                             run an inferlet on the embedded engine, printing what it sends
     pie serve [--host 127.0.0.1] [--port 50051] [--model M] [--dtype bf16] [--token T] [--max-running N]
-              [--http-port P [--openai-inferlet PATH]]
+              [--http-port P [--openai-inferlet PATH]] [--allow-http HOST[:PORT]]... [--http-concurrency N]
               [--ray [--workers N] [--hosts N] [--ray-address ADDR] [--device cpu|cuda]]
                                              serve the client gRPC API until Ctrl-C or SIGTERM
                                              (--port 0: any free port; the token may come from PIE_TOKEN);
                                              --http-port: the OpenAI-compatible HTTP API too, on --host;
+                                             --allow-http: hosts inferlets may call over HTTP (none by default);
                                              --ray: on Ray actors (a local Ray unless --ray-address)
     pie submit --addr HOST:PORT PROGRAM [--token T] [--metadata K=V] [--prompt-hint TEXT] [-- ARGS...]
                                              upload PROGRAM (.py, built here, or .wasm) to a server, run it,
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -39,7 +42,7 @@ def _run(opts) -> int:
     from workers.torch_executor import TorchExecutor
 
     executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype))  # see load_thread
-    with InferletHost(executor) as host:
+    with InferletHost(executor, http_policy=_http_policy(opts)) as host:
         outcome = host.run(opts.program, opts.args, on_message=lambda m: (sys.stdout.write(m), sys.stdout.flush()))
     print()
     if not outcome.ok:
@@ -90,7 +93,7 @@ def _embedded_service(opts, max_running: int):
     from workers.torch_executor import TorchExecutor
 
     executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype))  # see load_thread
-    host = InferletHost(executor)
+    host = InferletHost(executor, http_policy=_http_policy(opts))
     return InferletService(host, ProgramStore(), max_running), executor.info.name, host.close
 
 
@@ -108,7 +111,7 @@ def _ray_service(opts, max_running: int):
     spec = ClusterSpec(workers=opts.workers, hosts=opts.hosts, model=opts.model, dtype=opts.dtype,
                        device=opts.device, max_running=max_running,
                        worker_resources={"num_gpus": 1} if opts.device == "cuda" else {},
-                       bind_address="127.0.0.1" if local else None)
+                       bind_address="127.0.0.1" if local else None, http_policy=_http_policy(opts))
     try:
         cluster = start_cluster(spec)
         model = cluster.directory.model()["info"]["name"]
@@ -157,6 +160,34 @@ def _submit(opts) -> int:
     return 2
 
 
+def _http_policy(opts):
+    """The hosts' HTTP policy from --allow-http and --http-concurrency."""
+    from cluster.services.http_client import HttpPolicy
+
+    policy = HttpPolicy(allowed_hosts=tuple(opts.allow_http))
+    if getattr(opts, "http_concurrency", None):
+        policy = dataclasses.replace(policy, max_concurrent=opts.http_concurrency)
+    return policy
+
+
+def _allowed_host(text: str) -> str:
+    from cluster.services.http_client import check_allowed_hosts
+
+    try:
+        check_allowed_hosts([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _add_http_options(parser, concurrency: bool = True) -> None:
+    parser.add_argument("--allow-http", action="append", default=[], metavar="HOST[:PORT]", type=_allowed_host,
+                        help="a host inferlets may send HTTP requests to (repeatable; default: none, no HTTP at all)")
+    if concurrency:
+        parser.add_argument("--http-concurrency", type=_positive_int, default=None,
+                            help="inferlets' HTTP requests running at once per host; more wait their turn (default 64)")
+
+
 def _metadata(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -181,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("program")
     r.add_argument("--model", default=None, help="a .gguf file, a model directory or a hub id (default: SmolLM2)")
     r.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    _add_http_options(r)
     s = sub.add_parser("serve", help="serve the client gRPC API on the embedded engine, or a Ray cluster (--ray)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
@@ -194,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--openai-inferlet", default=None, metavar="PATH",
                    help="with --http-port: the inferlet (.py or .wasm) serving each request "
                         "(default: inferlets/builtin/openai_server.py)")
+    _add_http_options(s)
     s.add_argument("--ray", action="store_true", help="cluster mode: workers, hosts and the directory as Ray actors")
     s.add_argument("--workers", type=_positive_int, default=2, help="with --ray: worker actors (one per GPU)")
     s.add_argument("--hosts", type=_positive_int, default=1, help="with --ray: inferlet host actors")

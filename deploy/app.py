@@ -49,6 +49,7 @@ from cluster.actors.cluster import ClusterSpec, start_cluster
 from cluster.rpc.grpc_auth import BearerTokenAuth
 from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, UNARY_THREADS
 from cluster.api.openai_http import OpenAIFrontend, respond
+from cluster.services.http_client import HttpPolicy, check_allowed_hosts
 from cluster.proto import pie_pb2
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log (logs/serve/replica_*.log)
@@ -117,13 +118,18 @@ class AppArgs:
     # the inferlet serving each OpenAI API request on Serve's HTTP proxy (a .py or .wasm path on the
     # replica's node); null: the built-in inferlets/builtin/openai_server.py
     openai_inferlet: str | None = None
+    # hosts inferlets may call over HTTP ("host" or "host:port"); empty: no HTTP at all
+    allow_http: tuple[str, ...] = ()
+    http_concurrency: int = HttpPolicy.max_concurrent  # inferlets' HTTP requests at once per host; more wait
 
     def spec(self) -> ClusterSpec:
         return ClusterSpec(workers=self.workers, hosts=self.hosts, model=self.model, dtype=self.dtype,
                            device=self.device, num_pages=self.num_pages, page_size=self.page_size,
                            torch_threads=self.torch_threads, max_running=self.max_running,
                            worker_resources={"num_gpus": 1} if self.device == "cuda" else {},
-                           bind_address=self.bind_address)
+                           bind_address=self.bind_address,
+                           http_policy=HttpPolicy(allowed_hosts=tuple(self.allow_http),
+                                                  max_concurrent=self.http_concurrency))
 
     @classmethod
     def parse(cls, args: dict | None) -> "AppArgs":
@@ -133,8 +139,13 @@ class AppArgs:
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"deploy/app.py: unknown application args {unknown}; the args are {sorted(known)}")
+        if isinstance(args.get("allow_http"), str) or not isinstance(args.get("allow_http", ()), (list, tuple)):
+            raise ValueError(f"deploy/app.py: args.allow_http must be a list of 'host' or 'host:port' entries, "
+                             f"not {args.get('allow_http')!r}")
+        args["allow_http"] = tuple(args.get("allow_http", ()))
+        check_allowed_hosts(args["allow_http"])
         parsed = cls(**args)
-        for name in ("workers", "hosts", "max_running", "page_size"):
+        for name in ("workers", "hosts", "max_running", "page_size", "http_concurrency"):
             value = getattr(parsed, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"deploy/app.py: args.{name} must be a positive integer, not {value!r}")

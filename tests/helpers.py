@@ -208,3 +208,30 @@ def build_tiny_model(directory: str, model_type: str, seed: int = 0, **overrides
     model.eval()
     model.save_pretrained(directory)
     return model
+
+
+# --- little HTTP servers standing in for tools ----------------------------------------------------
+
+def http_reply(handler, status: int, body: bytes) -> None:
+    """Answer a BaseHTTPRequestHandler's request with `body` and its length."""
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+@contextlib.contextmanager
+def http_server(handler_class, **attributes):
+    """A ThreadingHTTPServer on a free loopback port, serving on a thread; `attributes` set on it."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    server.daemon_threads, server.request_queue_size = True, 512
+    for name, value in attributes.items():
+        setattr(server, name, value)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()

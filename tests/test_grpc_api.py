@@ -3,6 +3,7 @@
 One server per module over one InferletHost on the session's fp32 executor; a few more small
 servers (a token, tiny limits) share that host. Every test must leave every KV page free.
 """
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import grpc
@@ -22,10 +24,11 @@ from cluster.api.grpc_server import serve
 from cluster.runtime.inferlet_build import build
 from cluster.runtime.inferlet_host import InferletHost
 from cluster.api.program_store import program_id_of
-from helpers import wait_until
+from helpers import http_reply, http_server, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "inferlets" / "examples" / "text_completion.py"
+REACT = ROOT / "inferlets" / "examples" / "agents" / "react.py"
 ECHO = ROOT / "tests" / "inferlets" / "echo.py"
 PROBE = ROOT / "tests" / "inferlets" / "api_probe.py"
 QUESTION = "What is the capital of France?"
@@ -299,14 +302,31 @@ def test_generated_code_is_current(tmp_path):
 
 # -- the command line: pie serve and pie submit, as processes ----------------------------------------
 
+class _SearchTool(BaseHTTPRequestHandler):
+    """A tool for the ReAct example: answers every POST with one fixed observation."""
+
+    def do_POST(self):
+        self.server.calls.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        http_reply(self, 200, b"Paris is the capital of France.")
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
-def pie_server(session_cache_dir, tmp_path_factory):
+def search_tool():
+    with http_server(_SearchTool, calls=[]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pie_server(session_cache_dir, tmp_path_factory, search_tool):
     """`pie serve --port 0 --http-port 0` in its own process; yields (gRPC address, OpenAI base URL)."""
     env = {**os.environ, "PIE_CACHE_DIR": session_cache_dir, "PIE_TOKEN": ""}
     log = tmp_path_factory.mktemp("pie-serve") / "stderr.txt"
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--port", "0", "--dtype", "fp32",
-                                 "--http-port", "0"],
+                                 "--http-port", "0", "--allow-http", f"127.0.0.1:{search_tool.server_address[1]}"],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     lines: list[str] = []
     both = threading.Event()
@@ -349,3 +369,15 @@ def test_pie_serve_http_port_serves_the_openai_api(pie_server):
     reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=16, temperature=0,
                                            messages=[{"role": "user", "content": QUESTION}])
     assert "Paris" in reply.choices[0].message.content
+
+
+def test_pie_serve_allow_http_lets_the_react_agent_call_its_tool(pie_server, search_tool):
+    url = f"http://127.0.0.1:{search_tool.server_address[1]}/search"
+    done = _submit(pie_server[0], str(REACT), "--", "--tool", url, "--rounds", "2", "--max-tokens", "12")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.replace("}{", "}\n{").splitlines() if line.strip()]
+    rounds = [e for e in events if "round" in e]
+    assert rounds and all(e["observation"] == "Paris is the capital of France." for e in rounds)
+    assert len(search_tool.calls) >= len(rounds)
+    refused = _submit(pie_server[0], str(REACT), "--", "--tool", "http://127.0.0.1:1/search", "--rounds", "1")
+    assert refused.returncode == 1 and "is not allowed" in refused.stderr

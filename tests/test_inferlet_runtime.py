@@ -8,7 +8,7 @@ import re
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from cluster.services.http_client import HttpPolicy
 from cluster.runtime.inferlet_host import InferletHost
 from cluster.runtime.sandbox import Limits
 from cluster.runtime.wit_values import Refused
-from helpers import allocated, full_logprobs, make_request, settled, step_logprobs
+from helpers import allocated, full_logprobs, http_reply, http_server, make_request, settled, step_logprobs
 
 PROBE = Path(__file__).parent / "inferlets" / "api_probe.py"
 EXAMPLE = Path(__file__).parent.parent / "inferlets" / "examples" / "text_completion.py"
@@ -32,17 +32,11 @@ class _ToolServer(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/slow":
             time.sleep(1.0)
-        self._reply(200, b"hello from the tool")
+        http_reply(self, 200, b"hello from the tool")
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        self._reply(201, body + b"|" + self.headers.get("X-Test", "").encode())
-
-    def _reply(self, status, body):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        http_reply(self, 201, body + b"|" + self.headers.get("X-Test", "").encode())
 
     def log_message(self, *args):
         pass
@@ -50,10 +44,8 @@ class _ToolServer(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def tool_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ToolServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with http_server(_ToolServer) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from cluster.worker.batcher import BatchPolicy
 from cluster.actors.gateway import GatewayService, HostLink
 from cluster.api.grpc_server import DEFAULT_MAX_RUNNING
 from cluster.api.program_store import ProgramStore
+from cluster.services.http_client import HttpPolicy
 from workers.errors import ModelLoadError
 
 WORKER_NAME = "pie-worker-{}"
@@ -55,6 +56,8 @@ class ClusterSpec:
     # Bearer ...`). None: a random one. The directory keeps the token it was created with: a later
     # start_cluster that finds the running actors uses theirs, whatever this says
     internal_token: str | None = None
+    # inferlets' outbound HTTP on every host: the allow-list ("host" or "host:port"; empty: no HTTP), the pool
+    http_policy: HttpPolicy = HttpPolicy()
 
 
 class Cluster:
@@ -158,7 +161,8 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     hosts = [ray.remote(HostActor).options(
         name=HOST_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
         num_cpus=0, max_concurrency=8,
-    ).remote(DIRECTORY_NAME, max_running=spec.max_running, address=spec.bind_address) for i in range(spec.hosts)]
+    ).remote(DIRECTORY_NAME, max_running=spec.max_running, address=spec.bind_address, http_policy=spec.http_policy)
+        for i in range(spec.hosts)]
     cluster = Cluster(spec, directory, workers, hosts)
     if wait:
         cluster.wait_for_workers()

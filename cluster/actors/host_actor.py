@@ -20,6 +20,7 @@ from cluster.runtime.inferlet_host import Outcome, RunningInferlet
 from cluster.api.program_store import ProgramStore
 from cluster.proto import pie_pb2
 from cluster.runtime.sandbox import Limits
+from cluster.services.http_client import HttpPolicy
 
 
 class HostService(InferletService):
@@ -36,7 +37,8 @@ class HostService(InferletService):
 
 class HostActor:
     def __init__(self, directory_name: str = DIRECTORY_NAME, limits: Limits = Limits(),
-                 max_running: int = DEFAULT_MAX_RUNNING, address: str | None = None):
+                 max_running: int = DEFAULT_MAX_RUNNING, address: str | None = None,
+                 http_policy: HttpPolicy = HttpPolicy()):
         """`address`: where to serve (default: the node's address, for a gateway on another node)."""
         import ray
 
@@ -44,7 +46,7 @@ class HostActor:
         directory = DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE))
         token = directory.internal_token()  # what the workers and the bus require, and this host of the gateway
         # the cluster's message bus runs in the directory's process; found when an inferlet first messages
-        self.host = ClusterHost(directory, limits, bus=RemoteBus(directory.bus_target, token=token),
+        self.host = ClusterHost(directory, limits, http_policy, bus=RemoteBus(directory.bus_target, token=token),
                                 internal_token=token)
         service = HostService(self.host, ProgramStore(), max_running)
         self.server = serve_service(service, port=0, address=address or ray.util.get_node_ip_address(), token=token)

@@ -38,6 +38,7 @@ class Limits:
     max_pages: int = 256  # KV pages held at once
     max_message_bytes: int = 64 << 10  # one message to the client
     max_outstanding_passes: int = 64  # submitted, not yet awaited
+    max_outstanding_http: int = 64  # HTTP requests started with http.send, not yet awaited
 
 
 class Sandbox:

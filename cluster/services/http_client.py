@@ -49,8 +49,12 @@ class HttpPolicy:
     timeout_s: float = 10.0  # seconds for one whole request: connect, send, headers and body read
     max_request_bytes: int = 1 * MiB  # bytes of request body + header names and values
     max_response_bytes: int = 4 * MiB  # bytes of response body; more fails the request
-    max_concurrent: int = 8  # requests running at once (pool threads)
-    max_queued: int = 64  # requests accepted but not yet running; more are refused
+    # requests running at once (pool threads, mostly waiting on the network): agents each waiting on a
+    # slow tool should not wait on each other too
+    max_concurrent: int = 64
+    # requests accepted but not yet running: they wait their turn (the wait counts against the inferlet's
+    # wall-clock limit, not against the request's timeout); more are refused
+    max_queued: int = 4096
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,12 @@ class HttpResponse:
     status: int  # HTTP status code; a 3xx redirect is returned, never followed
     headers: list[tuple[str, str]]  # as received, in order, repeated names kept
     body: bytes  # at most HttpPolicy.max_response_bytes
+
+
+def check_allowed_hosts(entries) -> None:
+    """Raise ValueError naming the first entry that is not 'host' or 'host:port'."""
+    for entry in entries:
+        _parse_allowed(entry)
 
 
 def _parse_allowed(entry: str) -> tuple[str, int | None]:
