@@ -136,6 +136,14 @@ def _record(environment, request_type: str, name: str, ms: float, length: int = 
                                     response_length=length, exception=exception, context={})
 
 
+def _options(environment) -> tuple[int, bool, float, str]:
+    """(max tokens, ignore eos, timeout s, token) from locust's command line (defaults without one)."""
+    opts = environment.parsed_options
+    if opts is None:
+        return 32, True, 300.0, ""
+    return opts.max_tokens, not opts.no_ignore_eos, opts.launch_timeout, opts.pie_token
+
+
 def _describe(error: grpc.RpcError) -> str:
     return f"{error.code().name}: {error.details()}"
 
@@ -148,10 +156,7 @@ class TextCompletionUser(User):
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
-        self.max_tokens = opts.max_tokens if opts else 32
-        self.ignore_eos = not (opts and opts.no_ignore_eos)
-        self.launch_timeout = opts.launch_timeout if opts else 300.0
-        token = opts.pie_token if opts else ""
+        self.max_tokens, self.ignore_eos, self.launch_timeout, token = _options(self.environment)
         self.metadata = bearer_metadata(token) if token else ()
         address = (self.host or "").removeprefix("grpc://")
         t0 = time.perf_counter()
@@ -219,11 +224,7 @@ class OpenAIChatUser(HttpUser):
     _prompts = itertools.cycle(PROMPTS)
 
     def on_start(self) -> None:
-        opts = self.environment.parsed_options
-        self.max_tokens = opts.max_tokens if opts else 32
-        self.ignore_eos = not (opts and opts.no_ignore_eos)
-        self.timeout = opts.launch_timeout if opts else 300.0
-        token = opts.pie_token if opts else ""
+        self.max_tokens, self.ignore_eos, self.timeout, token = _options(self.environment)
         self.headers = {"Authorization": f"Bearer {token or 'none'}"}
         models = self.client.get("/v1/models", headers=self.headers, name="models")
         self.model = models.json()["data"][0]["id"] if models.ok else None

@@ -20,7 +20,7 @@ from ray import serve  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from cluster.actors.cluster import init_local_ray  # noqa: E402
-from cluster.api.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
+from cluster.api.grpc_client import Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
 from cluster.runtime.inferlet_build import build  # noqa: E402
 from deploy.app import APP_NAME, SERVICER, AppArgs, app_builder  # noqa: E402
 from helpers import wait_until  # noqa: E402

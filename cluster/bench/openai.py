@@ -106,11 +106,13 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
+                    help="the executor's (fp32 runs ~3x faster than bf16 on CPUs without AVX-512)")
     ap.add_argument("--json", default=None)
     opts = ap.parse_args(argv)
     if opts.tokens < 2:
         ap.error("--tokens must be at least 2 (TPOT is measured after the first token)")
-    executor = load_executor(max(opts.concurrency) * (-(-(64 + opts.tokens) // 16) + 1) + 64)
+    executor = load_executor(max(opts.concurrency) * (-(-(64 + opts.tokens) // 16) + 1) + 64, dtype=opts.dtype)
     rows = []
     with InferletHost(executor) as host:
         service = InferletService(host, ProgramStore())
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
         print(f"| {row['concurrency']} | **http / grpc** | {row['http_vs_grpc_ttft']:.3f}x | "
               f"**{row['http_vs_grpc_tpot']:.3f}x** | | |")
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"tokens": opts.tokens, "repeats": opts.repeats, "rows": rows}, indent=1))
+        Path(opts.json).write_text(json.dumps({"tokens": opts.tokens, "repeats": opts.repeats, "dtype": opts.dtype,
+                                               "rows": rows}, indent=1))
     return 0
 
 

@@ -14,9 +14,9 @@ of one prompt, stepped together so their passes share batches.
 import json
 import math
 
-from wit_world.imports import forward, model
+from wit_world.imports import model
 
-from pie_sdk import Context, Grammar, greedy, model_info, sample, send
+from pie_sdk import Context, Grammar, greedy, model_info, sample, send, wait_all
 from pie_sdk.context import held_back
 from pie_sdk.detokenize import IncrementalText
 from pie_sdk.runtime import unwrap
@@ -45,7 +45,7 @@ class Choice:
 
     def take(self, outputs, max_tokens):
         """Account for one step's outputs; False once the choice is finished."""
-        token, logprob = outputs[0].value if self.spec["logprobs"] is not None else (outputs[0].value, None)
+        token, logprob = outputs[0] if self.spec["logprobs"] is not None else (outputs[0], None)
         if self.grammar is not None:
             self.grammar.accept(token)
         if token in self.stops:
@@ -55,7 +55,7 @@ class Choice:
         if logprob is not None:
             alternatives = []
             if len(outputs) > 1:
-                ids, probs = outputs[1].value
+                ids, probs = outputs[1]
                 alternatives = [[decode(i), math.log(p) if p > 0 else -9999.0] for i, p in zip(ids, probs)]
             self.logprobs.append([decode(token), logprob, alternatives])
         text = self.text.append(token)
@@ -99,6 +99,7 @@ def main(args: list[str]) -> None:
     spec = json.loads(args[0])
     info = model_info()
     ctx = Context()
+    choices = []
     try:
         if "messages" in spec:
             ctx.fill_chat([tuple(m) for m in spec["messages"]])
@@ -119,14 +120,14 @@ def main(args: list[str]) -> None:
         ctx.cache_prefix()
         send(json.dumps({"prompt_tokens": prompt_tokens, "cached_tokens": cached}))
         stops = set() if spec["ignore_eos"] else set(info.stop_tokens)
-        choices = [Choice(i, ctx if i == 0 else ctx.fork(), spec, stops) for i in range(spec["n"])]
+        choices += [Choice(i, ctx if i == 0 else ctx.fork(), spec, stops) for i in range(spec["n"])]
         running = list(choices)
         while running:  # every choice's pass submitted before any is awaited: they share steps
             handles = [c.submit() for c in running]
-            outputs = unwrap(forward.wait_all, handles)
+            outputs = wait_all(handles)
             running = [c for c, out in zip(running, outputs) if c.take(out, max_tokens)]
         ctx.cache_prefix()  # the answer's full pages too, for the next turn of a conversation
     finally:
-        for c in locals().get("choices", [])[1:]:
+        for c in choices[1:]:  # the forks; choice 0 is ctx itself
             c.ctx.free()
         ctx.free()

@@ -382,6 +382,12 @@ class Context:
         return unwrap(model.decode, generated), accepted_total, rounds
 
 
+def wait_all(handles) -> list:
+    """Wait for several passes at once (of one context or many, from submit_step); per handle, in
+    order, its outputs' values: a token, (token, log-probability), a distribution's (ids, probs)."""
+    return [[o.value for o in outputs] for outputs in unwrap(forward.wait_all, list(handles))]
+
+
 def generate_together(contexts, max_tokens: int, samplers=None, stop_tokens=None) -> list:
     """Generate from several contexts at once, each with its own sampler (default greedy): every
     round submits one pass per unfinished context, so they all go to the executor in one step.
@@ -394,8 +400,8 @@ def generate_together(contexts, max_tokens: int, samplers=None, stop_tokens=None
         if not live:
             break
         handles = [contexts[i].submit_step(samplers[i]) for i in live]
-        for i, outputs in zip(list(live), unwrap(forward.wait_all, handles)):
-            token = outputs[0].value
+        for i, outputs in zip(list(live), wait_all(handles)):
+            token = outputs[0]
             if token in stops:
                 live.remove(i)
             else:
