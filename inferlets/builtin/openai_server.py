@@ -17,8 +17,7 @@ import math
 from wit_world.imports import model
 
 from pie_sdk import Context, Grammar, greedy, model_info, sample, send, wait_all
-from pie_sdk.context import held_back
-from pie_sdk.detokenize import IncrementalText
+from pie_sdk.detokenize import IncrementalText, held_back
 from pie_sdk.runtime import unwrap
 
 

@@ -12,7 +12,7 @@ import json
 
 from wit_world.imports import forward, kv, model
 
-from pie_sdk.detokenize import IncrementalText
+from pie_sdk.detokenize import IncrementalText, held_back
 from pie_sdk.runtime import model_info, unwrap
 from pie_sdk.samplers import distribution, greedy
 
@@ -380,58 +380,3 @@ class Context:
             # the drafts are in the KV already; the correction token is not yet
             self.pending = [new[-1]]
         return unwrap(model.decode, generated), accepted_total, rounds
-
-
-def wait_all(handles) -> list:
-    """Wait for several passes at once (of one context or many, from submit_step); per handle, in
-    order, its outputs' values: a token, (token, log-probability), a distribution's (ids, probs)."""
-    return [[o.value for o in outputs] for outputs in unwrap(forward.wait_all, list(handles))]
-
-
-def generate_together(contexts, max_tokens: int, samplers=None, stop_tokens=None) -> list:
-    """Generate from several contexts at once, each with its own sampler (default greedy): every
-    round submits one pass per unfinished context, so they all go to the executor in one step.
-    Returns each context's text; a stop token ends a context's text and is not part of it."""
-    samplers = [greedy()] * len(contexts) if samplers is None else list(samplers)
-    stops = (contexts[0].stop_tokens if contexts else set()) if stop_tokens is None else set(stop_tokens)
-    generated = [[] for _ in contexts]
-    live = list(range(len(contexts)))
-    for _ in range(max_tokens):
-        if not live:
-            break
-        handles = [contexts[i].submit_step(samplers[i]) for i in live]
-        for i, outputs in zip(list(live), wait_all(handles)):
-            token = outputs[0]
-            if token in stops:
-                live.remove(i)
-            else:
-                generated[i].append(token)
-                contexts[i].fill_tokens([token])
-    return [unwrap(model.decode, tokens) for tokens in generated]
-
-
-def ngram_drafter(n: int = 2, k: int = 4):
-    """A drafter guessing that the text repeats: after the last n tokens' previous occurrence,
-    propose the k tokens that followed it (prompt lookup decoding)."""
-
-    def draft(history):
-        if len(history) <= n:
-            return []
-        tail = history[-n:]
-        for start in range(len(history) - n - 1, -1, -1):
-            if history[start:start + n] == tail:
-                return history[start + n:start + n + k]
-        return []
-
-    return draft
-
-
-def held_back(text: str, stop_strings) -> int:
-    """How many trailing characters could begin a stop string (not yet safe to show)."""
-    held = 0
-    for s in stop_strings:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                held = max(held, k)
-                break
-    return held

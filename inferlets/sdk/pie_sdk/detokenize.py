@@ -40,3 +40,14 @@ class IncrementalText:
             self._context = max(0, self._start - CONTEXT)
             self._context_text = self._decode(self.tokens[self._context:self._start])
         return self.text
+
+
+def held_back(text: str, stop_strings) -> int:
+    """How many trailing characters could begin a stop string (not yet safe to show)."""
+    held = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                held = max(held, k)
+                break
+    return held
