@@ -33,7 +33,7 @@ from pathlib import Path
 from cluster.api.grpc_server import InferletService
 from cluster.api.openai_http import serve_openai
 from cluster.api.program_store import ProgramStore
-from cluster.bench.common import load_executor, wait_all_ok
+from cluster.bench.common import load_executor, run_concurrently, wait_all_ok
 from cluster.bench.tax import run_plain
 from cluster.runtime.inferlet_host import InferletHost
 from cluster.services.http_client import HttpPolicy
@@ -108,15 +108,10 @@ def run_client_loop(url: str, model: str, tool_url: str, opts, api_key: str) -> 
         except Exception as e:  # reported after the run; a failed side has no figures
             errors.append(f"task {i}: {e!r}")
 
-    threads = [threading.Thread(target=task, args=(i,)) for i in range(opts.tasks)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    t0, wall = run_concurrently(task, opts.tasks)
     if errors:
         raise RuntimeError(f"{len(errors)} client-loop tasks failed; first: {errors[0]}")
-    return latencies(ends, t0, time.perf_counter() - t0)
+    return latencies(ends, t0, wall)
 
 
 def ideal_seconds(host: InferletHost, opts) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 from cluster.api.grpc_client import Failed, Message, PieClient
 from cluster.api.grpc_server import serve_service
 from cluster.runtime.inferlet_build import build
+from cluster.bench.common import run_concurrently
 
 PROGRAM = Path(__file__).resolve().parents[2] / "inferlets" / "examples" / "text_completion.py"
 PROMPTS = ("What is the capital of France?", "Name three primary colors.", "Why is the sky blue?",
@@ -54,11 +55,7 @@ def measure(target: str, program: Path, concurrency: int, tokens: int) -> dict:
                 elif isinstance(event, Failed):
                     errors.append(event.error)
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrency)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_concurrently(one, concurrency)
     if errors:
         raise RuntimeError(f"{len(errors)} inferlets failed; first: {errors[0]}")
     short = [len(t) for t in times if len(t) < 2]

@@ -3,6 +3,9 @@ and the counters read from a host after a run (batcher steps, host imports, gues
 from __future__ import annotations
 
 import statistics
+import threading
+import time
+from typing import Callable
 
 from cluster.runtime import wasm_async
 from cluster.runtime.inferlet_host import InferletHost, Outcome, RunningInferlet
@@ -55,6 +58,18 @@ class DelegatingExecutor(Executor):
 
     def check_idle_invariant(self):
         self.real.check_idle_invariant()
+
+
+def run_concurrently(request: Callable[[int], None], count: int) -> tuple[float, float]:
+    """request(i) for i in range(count), each on a thread of its own, all started together;
+    (perf_counter at the start, seconds until the last one returned)."""
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(count)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return t0, time.perf_counter() - t0
 
 
 def wait_all_ok(running: list[RunningInferlet], timeout_s: float = 1800) -> list[Outcome]:

@@ -20,7 +20,6 @@ import itertools
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,24 +27,13 @@ from cluster.api.grpc_client import Message, PieClient
 from cluster.api.grpc_server import InferletService, serve_service
 from cluster.api.openai_http import serve_openai
 from cluster.api.program_store import ProgramStore
-from cluster.bench.common import load_executor
+from cluster.bench.common import load_executor, run_concurrently
 from cluster.bench.tax import PROGRAM, prompts_for, run_plain, summary
 from cluster.runtime.inferlet_build import build
 from cluster.runtime.inferlet_host import InferletHost
 
 SIDES = ("plain", "grpc", "http")
 _keys = itertools.count()
-
-
-def _concurrently(requests) -> tuple[float, float]:
-    """Run each request (a callable) on a thread of its own, all started together; (t0, wall)."""
-    threads = [threading.Thread(target=r) for r in requests]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return t0, time.perf_counter() - t0
 
 
 def run_grpc(target: str, program_id: str, prompts: list[str], tokens: int) -> dict:
@@ -57,7 +45,7 @@ def run_grpc(target: str, program_id: str, prompts: list[str], tokens: int) -> d
                 if isinstance(event, Message):
                     text_at[i].append(time.perf_counter())
 
-    t0, wall = _concurrently([lambda i=i: request(i) for i in range(len(prompts))])
+    t0, wall = run_concurrently(request, len(prompts))
     return summary([t[0] for t in text_at], [t[-1] for t in text_at], t0, wall, tokens)
 
 
@@ -75,7 +63,7 @@ def run_http(url: str, model: str, prompts: list[str], tokens: int) -> dict:
             if chunk.choices and chunk.choices[0].delta.content:
                 text_at[i].append(time.perf_counter())
 
-    t0, wall = _concurrently([lambda i=i: request(i) for i in range(len(prompts))])
+    t0, wall = run_concurrently(request, len(prompts))
     return summary([t[0] for t in text_at], [t[-1] for t in text_at], t0, wall, tokens)
 
 
