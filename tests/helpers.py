@@ -226,8 +226,11 @@ def http_server(handler_class, **attributes):
     import threading
     from http.server import ThreadingHTTPServer
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
-    server.daemon_threads, server.request_queue_size = True, 512
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 512  # read when it starts listening: a hundred agents connect at once
+
+    server = Server(("127.0.0.1", 0), handler_class)
     for name, value in attributes.items():
         setattr(server, name, value)
     threading.Thread(target=server.serve_forever, daemon=True).start()

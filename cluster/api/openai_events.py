@@ -68,7 +68,8 @@ class ChoiceStreams:
 
     # -- streaming -------------------------------------------------------------------------------
     def _chunk(self, index: int, choice: _Choice, text: str, lp: list, model: str) -> dict:
-        body = {"index": index, "logprobs": self._logprobs(lp, choice) if self.job.logprobs is not None else None,
+        offset = sum(len(t) for t in choice.text[:-1])  # the choice's text before this chunk's
+        body = {"index": index, "logprobs": self.logprobs(lp, offset) if self.job.logprobs is not None else None,
                 "finish_reason": choice.finish}
         if self.job.chat:
             body["delta"] = {"content": text}
@@ -94,12 +95,12 @@ class ChoiceStreams:
                 "total_tokens": self.prompt_tokens + completion,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
-    def _logprobs(self, entries: list, choice: _Choice) -> dict:
+    def logprobs(self, entries: list, offset: int) -> dict:
+        """OpenAI's logprobs object for `entries`; `offset`: characters of the text before them."""
         if self.job.chat:
             return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
                                  "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode())}
                                                   for a, alp in alts]} for t, lp, alts in entries]}
-        offset = sum(len(t) for t in choice.text[:-1])
         offsets = []
         for t, _, _ in entries:
             offsets.append(offset)
@@ -114,7 +115,7 @@ def completion_object(job: Job, streams: ChoiceStreams, model: str) -> dict:
     for index, choice in enumerate(streams.choices):
         text = "".join(choice.text)
         body = {"index": index, "finish_reason": choice.finish,
-                "logprobs": streams._logprobs(choice.logprobs, _Choice()) if job.logprobs is not None else None}
+                "logprobs": streams.logprobs(choice.logprobs, 0) if job.logprobs is not None else None}
         if job.chat:
             body["message"] = {"role": "assistant", "content": text}
         else:

@@ -60,9 +60,14 @@ class _Tool(BaseHTTPRequestHandler):
         pass
 
 
+class _ToolServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # read when it starts listening: every task may call at once
+
+
 def start_tool(latency_s: float) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Tool)
-    server.daemon_threads, server.request_queue_size, server.latency_s = True, 512, latency_s
+    server = _ToolServer(("127.0.0.1", 0), _Tool)
+    server.latency_s = latency_s
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
