@@ -124,3 +124,28 @@ def test_speculative_decoding_matches_greedy(host):
     greedy = host.run(EXAMPLES / "text_completion.py", ["--prompt", "Repeat five times: one two three.",
                                                         "--max-tokens", "24"])
     assert "".join(greedy.messages) == fast["text"]
+
+
+def test_jacobi_decoding_matches_greedy(host):
+    [fast] = run(host, "decoding/jacobi.py", "--max-tokens", "24", "--window", "4")
+    greedy = host.run(EXAMPLES / "text_completion.py", ["--prompt", "Count from one to twenty.", "--max-tokens", "24"])
+    assert "".join(greedy.messages) == fast["text"]
+    assert fast["rounds"] <= fast["tokens"] and fast["accepted_guesses"] == fast["tokens"] - fast["rounds"] + \
+        (fast["tokens"] < 24)  # every pass yields its accepted guesses and one token of its own
+
+
+def hierarchical(host, first: str, *flags: str) -> list[dict]:
+    return run(host, "kv/hierarchical_attention.py", "--section", first, "--section", "Rome is the capital of Italy.",
+               "--max-tokens", "6", *flags)
+
+
+def test_hierarchical_attention_encodes_each_section_alone(host):
+    cat, dog = hierarchical(host, "The cat sat on the mat."), hierarchical(host, "The dog sat on the mat.")
+    assert cat[0]["tokens"] == dog[0]["tokens"]  # same positions for the second section in both documents
+    assert cat[0]["next"] != dog[0]["next"] or cat[0]["probs"] != pytest.approx(dog[0]["probs"], abs=1e-3)
+    # the second section saw the header and itself only: the first section's words change nothing
+    assert cat[1]["next"] == dog[1]["next"] and cat[1]["probs"] == pytest.approx(dog[1]["probs"], abs=1e-4)
+    assert cat[-1]["answer"] and cat[-1]["kv_len"] > sum(p["tokens"] for p in cat[:2])
+    causal_cat, causal_dog = (hierarchical(host, first, "--causal") for first in ("The cat sat on the mat.",
+                                                                                  "The dog sat on the mat."))
+    assert causal_cat[1]["probs"] != pytest.approx(causal_dog[1]["probs"], abs=1e-4)  # without the mask it does

@@ -12,13 +12,13 @@ import difflib  # noqa: F401  (argparse suggestions)
 import linecache  # noqa: F401  (traceback)
 import json  # noqa: F401  (messages are often JSON; json.decoder imports lazily)
 from pie_sdk.context import Context
-from pie_sdk.drafters import ngram_drafter
+from pie_sdk.drafters import JacobiDrafter, ngram_drafter, runs_attending
 from pie_sdk.together import generate_together, wait_all
 from pie_sdk.grammar import Grammar
 from pie_sdk.runtime import HostError, arguments, instance_id, log, model_info, now_ms, receive, send, sleep
 from pie_sdk.samplers import distribution, greedy, logprobs, sample
 from pie_sdk import http, messaging  # noqa: F401  (pie_sdk.http.get(...), pie_sdk.messaging.push(...))
 
-__all__ = ["Context", "Grammar", "HostError", "generate_together", "ngram_drafter", "wait_all", "arguments", "instance_id", "log", "model_info",
+__all__ = ["Context", "Grammar", "HostError", "generate_together", "JacobiDrafter", "ngram_drafter", "runs_attending", "wait_all", "arguments", "instance_id", "log", "model_info",
            "now_ms", "receive", "send", "sleep", "greedy", "sample", "distribution", "logprobs",
            "http", "messaging"]

@@ -186,6 +186,33 @@ class Context:
         self.pending = []
         return handle
 
+    def write(self, tokens, mask, top_k: int = 0):
+        """Write `tokens`' KV now (after any pending tokens) under a custom attention mask: per
+        token, run lengths over every slot once they are written (kv_len + len(tokens)),
+        alternating attend and skip, starting with attend (drafters.runs_attending builds one;
+        nothing keeps a row causal but the row itself). Later passes
+        see these slots as usual. With top_k > 0, returns the k most likely next tokens after
+        the last one, (ids, probabilities), as that token saw the context."""
+        self.flush()
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("nothing to write: no tokens")
+        if len(mask) != len(tokens):
+            raise ValueError(f"one mask row per token: {len(mask)} rows for {len(tokens)} tokens")
+        length = self.kv_len + len(tokens)
+        for i, runs in enumerate(mask):
+            if sum(runs) != length:
+                raise ValueError(f"token {i}'s mask row covers {sum(runs)} slots, not the {length} there will be")
+        last = self._reserve(len(tokens))
+        positions = list(range(self.next_position, self.next_position + len(tokens)))
+        outputs = [forward.OutputSpec(len(tokens) - 1, distribution(top_k), None, None, False)] if top_k else []
+        done = unwrap(forward.wait, unwrap(forward.submit, forward.Pass(tokens, positions, self.pages, last,
+                                                                        [list(r) for r in mask], outputs)))
+        self.kv_len += len(tokens)
+        self.next_position += len(tokens)
+        self.tokens.extend(tokens)
+        return done[0].value if top_k else None
+
     def flush(self, keep: int = 0) -> None:
         """Write the pending tokens' KV now, with no output: all of them (e.g. before export), or
         all but the last `keep` (keep=1 before forking: each fork then samples its own next token)."""
@@ -349,7 +376,8 @@ class Context:
     def generate_speculative(self, drafter, max_tokens: int, max_draft: int = 4, stop_tokens=None):
         """Greedy decoding that checks `drafter(history) -> guessed next tokens` in one pass per
         round: accepted guesses cost no extra step. Same tokens as greedy step-by-step decoding.
-        Returns (text, accepted_drafts, rounds)."""
+        A drafter with a `verified(outputs)` method is told the model's outputs past the first
+        rejected guess (Jacobi decoding guesses those next). Returns (text, accepted_drafts, rounds)."""
         stops = self.stop_tokens if stop_tokens is None else set(stop_tokens)
         generated, accepted_total, rounds = [], 0, 0
         while len(generated) < max_tokens:
@@ -365,6 +393,8 @@ class Context:
             matched = 0
             while matched < len(draft) and draft[matched] == outs[matched]:
                 matched += 1
+            if hasattr(drafter, "verified"):
+                drafter.verified(outs[matched + 1:])  # what the model said after the first wrong guess
             rejected = len(draft) - matched
             self.kv_len -= rejected
             self.next_position -= rejected
