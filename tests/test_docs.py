@@ -45,6 +45,9 @@ def test_python_m_modules_exist(doc, module):
         return  # other projects' modules
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin, f"{doc} shows `python -m {module}`, which does not exist"
+    if spec.submodule_search_locations:  # a package runs its __main__
+        spec = importlib.util.find_spec(f"{module}.__main__")
+        assert spec is not None, f"{doc} shows `python -m {module}`, a package without __main__"
     assert 'if __name__ == "__main__"' in Path(spec.origin).read_text(), f"{module} cannot run as a program"
 
 
