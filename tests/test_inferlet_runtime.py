@@ -409,3 +409,30 @@ def test_example_inferlets(runner, ex32):
     assert drafts.ok, drafts.error
     assert [m.splitlines()[0] for m in drafts.messages] == ["--- draft 1", "--- draft 2", "--- draft 3"]
     assert len({m for m in drafts.messages}) > 1  # differently seeded samples differ
+
+
+def test_oversized_host_calls_are_refused_before_any_work(runner):
+    """Issue 18: a pass with a 2^30 last-page length and mask run once made the host fill a 1 GiB
+    mask before refusing it, and an 8 MiB encode stalled the host for seconds. Each call is now
+    refused by its cap first: what the host allocated meanwhile stays small."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        outcome, [msg] = run_probe(runner, "oversized")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert outcome.ok, outcome.error
+    assert peak < 128 << 20, f"the host allocated {peak >> 20} MiB for refused calls"
+    assert "last-page-len 1073741824" in msg["last_page_len"]
+    assert "4097 runs" in msg["mask_runs"]
+    assert "max_text_bytes" in msg["encode"] and "max_text_bytes" in msg["chat"] and "max_text_bytes" in msg["grammar"]
+    assert "max_decode_tokens" in msg["decode"]
+
+
+def test_a_long_text_is_encoded_off_the_scheduler_thread_the_same(runner, ex32):
+    outcome, [msg] = run_probe(runner, "long_encode", "The quick brown fox jumps. ", 1000)  # 27 KB: off-thread
+    assert outcome.ok, outcome.error
+    ids = ex32.tokenizer.encode("The quick brown fox jumps. " * 1000)
+    assert msg["count"] == len(ids) and msg["head"] == ids[:8] and msg["tail"] == ids[-8:]

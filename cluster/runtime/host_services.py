@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cluster.pending import Pending
 from cluster.rpc.bus_service import RemoteBus
 from cluster.services.http_client import HttpClient
 from cluster.worker.local_worker import LocalWorker
@@ -23,6 +25,24 @@ class HostServices:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _grammar_compiler: object = None
     _vocabulary: list[str] | None = None
+    _offload: ThreadPoolExecutor | None = None
+
+    def offload(self, fn, *args) -> Pending:
+        """fn(*args) on a small pool of threads, off the scheduler's (work proportional to a large
+        input, such as encoding a long text, would stall every inferlet on the host)."""
+        with self._lock:
+            if self._offload is None:
+                self._offload = ThreadPoolExecutor(2, thread_name_prefix="pie-offload")
+        pending = Pending()
+
+        def run():
+            try:
+                pending.complete(fn(*args))
+            except BaseException as e:
+                pending.fail(e)
+
+        self._offload.submit(run)
+        return pending
 
     def grammars(self):
         """The grammar compiler, built on first use (llguidance reads the tokenizer: ~1 s)."""
@@ -54,3 +74,5 @@ class HostServices:
             self.worker.close()
         self.http.close()
         self.timers.close()
+        if self._offload is not None:
+            self._offload.shutdown(wait=False, cancel_futures=True)

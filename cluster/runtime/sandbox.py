@@ -39,6 +39,11 @@ class Limits:
     max_message_bytes: int = 64 << 10  # one message to the client
     max_outstanding_passes: int = 64  # submitted, not yet awaited
     max_outstanding_http: int = 64  # HTTP requests started with http.send, not yet awaited
+    max_pass_tokens: int = 8192  # input tokens of one forward pass
+    max_pass_pages: int = 8192  # KV pages one forward pass reads
+    max_mask_cells: int = 1 << 24  # tokens x KV slots of one pass with a custom attention mask
+    max_text_bytes: int = 1 << 20  # a text to encode, a chat's messages together, a grammar's source
+    max_decode_tokens: int = 1 << 18  # tokens to decode at once
 
 
 class Sandbox:

@@ -118,6 +118,34 @@ def mode_masked_pass(args):
         emit(bad_mask_error=str(e))
 
 
+def refusal(call, *args):
+    try:
+        call(*args)
+    except HostError as e:
+        return str(e)
+    return None
+
+
+def mode_oversized(args):
+    """Each host call given sizes past its cap: the refusals, which must come before any work."""
+    [page] = unwrap(kv.allocate, 1)
+    huge = 1 << 30
+    big_text = "word " * (2 << 20 >> 2)  # 2 MiB
+    emit(last_page_len=refusal(unwrap, forward.submit, forward.Pass([1], [0], [page], huge, [[huge]], [])),
+         mask_runs=refusal(unwrap, forward.submit, forward.Pass([1], [0], [page], 1, [[1] + [0] * 4096], [])),
+         encode=refusal(unwrap, model.encode, big_text),
+         decode=refusal(unwrap, model.decode, [0] * (1 << 19)),
+         chat=refusal(unwrap, model.apply_chat_template, [("user", big_text)], True),
+         grammar=refusal(Grammar.regex, "a" * (2 << 20)))
+    unwrap(kv.free, [page])
+
+
+def mode_long_encode(args):
+    """A text long enough to be encoded off the scheduler thread."""
+    ids = unwrap(model.encode, args[0] * int(args[1]))
+    emit(count=len(ids), head=list(ids[:8]), tail=list(ids[-8:]))
+
+
 def mode_wait_all(args):
     """Three passes over three sequences waited together; then misuse of wait-all."""
     prompts = args

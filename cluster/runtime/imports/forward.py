@@ -62,11 +62,42 @@ def imports(s: InferletSession) -> dict:
     }
 
 
+def check_sizes(limits, p, page_size: int, vocab_size: int) -> int:
+    """Refuse a pass whose sizes are out of bounds before anything is allocated for it (a mask's
+    run lengths are summed, not expanded); returns its KV length."""
+    tokens, pages, last, mask = p.tokens, p.pages, getattr(p, "last-page-len"), p.mask
+    if not 1 <= len(tokens) <= limits.max_pass_tokens:
+        raise Refused(f"a pass has {len(tokens)} input tokens; it needs 1 to {limits.max_pass_tokens} (max_pass_tokens)")
+    if len(p.positions) != len(tokens):
+        raise Refused(f"a pass has {len(p.positions)} positions for {len(tokens)} tokens")
+    if not 1 <= len(pages) <= limits.max_pass_pages:
+        raise Refused(f"a pass lists {len(pages)} pages; it needs 1 to {limits.max_pass_pages} (max_pass_pages)")
+    if not 1 <= last <= page_size:
+        raise Refused(f"last-page-len {last} is outside [1, page size {page_size}]")
+    kv_len = (len(pages) - 1) * page_size + last
+    if len(p.outputs) > len(tokens):
+        raise Refused(f"a pass asks {len(p.outputs)} outputs of its {len(tokens)} tokens; at most one per token")
+    for spec in p.outputs:
+        if isinstance(spec.sampler, list) and not 1 <= len(spec.sampler) <= vocab_size:
+            raise Refused(f"a logprobs sampler lists {len(spec.sampler)} tokens; it needs 1 to {vocab_size}")
+    if mask is not None:
+        if len(mask) != len(tokens):
+            raise Refused(f"the attention mask has {len(mask)} rows for {len(tokens)} tokens")
+        if len(tokens) * kv_len > limits.max_mask_cells:
+            raise Refused(f"a custom mask of {len(tokens)} tokens x {kv_len} slots exceeds {limits.max_mask_cells} "
+                          f"cells (max_mask_cells): split the pass")
+        for i, runs in enumerate(mask):
+            if len(runs) > kv_len + 1 or sum(runs) != kv_len:
+                raise Refused(f"attention mask row {i} covers {sum(runs)} slots in {len(runs)} runs; "
+                              f"the KV sequence has {kv_len}")
+    return kv_len
+
+
 def to_request(s: InferletSession, p, page_size: int, vocab_size: int) -> ForwardRequest:
     field = lambda name: getattr(p, name)
     tokens, pages = field("tokens"), field("pages")
     outputs = field("outputs")
-    kv_len = (len(pages) - 1) * page_size + field("last-page-len") if pages else 0
+    kv_len = check_sizes(s.limits, p, page_size, vocab_size)
     mask = field("mask")
     return ForwardRequest(
         token_ids=np.asarray(tokens, dtype=np.int64),
@@ -113,10 +144,11 @@ def decode_mask(rows: list[list[int]], q_len: int, kv_len: int) -> np.ndarray:
     """Run-length rows (attend, skip, attend, ...) -> [q_len, kv_len] bool."""
     if len(rows) != q_len:
         raise Refused(f"the attention mask has {len(rows)} rows for {q_len} tokens")
-    mask = np.zeros((q_len, kv_len), dtype=bool)
-    for i, runs in enumerate(rows):
+    for i, runs in enumerate(rows):  # before allocating: the sums bound the array
         if sum(runs) != kv_len:
             raise Refused(f"attention mask row {i} covers {sum(runs)} slots; the KV sequence has {kv_len}")
+    mask = np.zeros((q_len, kv_len), dtype=bool)
+    for i, runs in enumerate(rows):
         mask[i] = np.repeat(np.arange(len(runs)) % 2 == 0, runs)
     return mask
 

@@ -16,6 +16,9 @@ def imports(s: InferletSession) -> dict:
         return m
 
     def compile_(kind: str, source: str) -> int:
+        if len(source) > s.limits.max_text_bytes:
+            raise Refused(f"a grammar source of {len(source)} characters exceeds the limit of "
+                          f"{s.limits.max_text_bytes} (max_text_bytes)")
         if len(s.matchers) >= MAX_MATCHERS:
             raise Refused(f"this inferlet already has {MAX_MATCHERS} grammar matchers; release some")
         handle = s.new_handle()

@@ -74,7 +74,7 @@ class Context:
 
     # -- filling ---------------------------------------------------------------------------------
     def fill(self, text: str) -> None:
-        self.fill_tokens(model.encode(text))
+        self.fill_tokens(unwrap(model.encode, text))
 
     def fill_tokens(self, tokens) -> None:
         self.pending.extend(tokens)
