@@ -56,8 +56,13 @@ log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log (lo
 
 APP_NAME = "pie"  # the application name clients put in their `application` metadata
 SERVICER = "cluster.proto.pie_pb2_grpc.add_InferletsServicer_to_server"  # grpc_options.grpc_servicer_functions
+RELAY_EVENTS = 64  # a Launch's events between its pump thread and the replica's stream
 UPLOAD_THREADS = 4  # uploads compiled at once (each holds a thread while it reads chunks and compiles)
 
+
+
+class _RelayClosed(Exception):
+    """The Launch stream a pump feeds has ended."""
 
 class CallAborted(Exception):
     """ServeContext.abort: the status is set on Serve's context; Serve sends it with the details."""
@@ -198,22 +203,31 @@ class ServeGateway:
     async def Launch(self, request: pie_pb2.LaunchRequest, grpc_context) -> AsyncIterator[pie_pb2.Event]:
         context = self._context(grpc_context)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        end = object()
+        # bounded: when the client reads slowly the pump waits, the service's generator is not
+        # pulled, and the inferlet's outbox fills until its send waits (nothing grows unbounded)
+        events: asyncio.Queue = asyncio.Queue(maxsize=RELAY_EVENTS)
+        end, closed = object(), threading.Event()
 
         def put(item: Any) -> None:
+            if closed.is_set():
+                raise _RelayClosed()
             try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
+                asyncio.run_coroutine_threadsafe(events.put(item), loop).result()
             except RuntimeError:
-                pass  # the replica's loop has closed: it is shutting down
+                raise _RelayClosed() from None  # the replica's loop has closed: it is shutting down
 
         def pump() -> None:  # the blocking generator, for the inferlet's life
             try:
                 for event in self.service.Launch(request, context):
                     put(event)
                 put(end)
+            except _RelayClosed:
+                pass
             except BaseException as e:
-                put(e)
+                try:
+                    put(e)
+                except _RelayClosed:
+                    pass
 
         threading.Thread(target=pump, name="pie-launch", daemon=True).start()
         try:
@@ -226,6 +240,9 @@ class ServeGateway:
                      request.program_id[:12])
             raise
         finally:  # finished, failed, or cancelled by the client: stop the inferlet if it still runs
+            closed.set()
+            while not events.empty():  # a pump waiting for room gets it, then sees `closed`
+                events.get_nowait()
             context.ended()
 
     def Send(self, request: pie_pb2.SendRequest, grpc_context) -> pie_pb2.Empty:

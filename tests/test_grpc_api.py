@@ -381,3 +381,26 @@ def test_pie_serve_allow_http_lets_the_react_agent_call_its_tool(pie_server, sea
     assert len(search_tool.calls) >= len(rounds)
     refused = _submit(pie_server[0], str(REACT), "--", "--tool", "http://127.0.0.1:1/search", "--rounds", "1")
     assert refused.returncode == 1 and "is not allowed" in refused.stderr
+
+
+def test_a_client_that_reads_nothing_holds_its_inferlet_not_the_servers_memory(client, programs):
+    """Issue 18: events once waited in an unbounded queue (and a copy in the outcome), so an inferlet
+    sending 64 MB to a client that reads nothing grew the server by as much. Now its outbox fills,
+    its send waits, and it resumes as the client reads: nothing lost, nothing piled up."""
+    import tracemalloc
+
+    count, size = 1000, 64000
+    tracemalloc.start()
+    try:
+        events = iter(client.launch(programs["probe"], ["flood_big", str(count), str(size)]))
+        instance = next(events).instance_id
+        time.sleep(5)  # unread, the whole flood would be sent within this (about 2 s here)
+        waiting = instance in {i.instance_id for i in client.list()}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert waiting, "the inferlet sent everything to a client that read nothing"
+    assert peak < 48 << 20, f"the server buffered {peak >> 20} MiB for one client that reads nothing"
+    rest = list(events)
+    assert isinstance(rest[-1], Finished), rest[-1]
+    assert [m.text.partition(":")[0] for m in rest[:-1]] == [str(i) for i in range(count)]

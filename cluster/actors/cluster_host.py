@@ -65,7 +65,8 @@ class ClusterHost:
 
     def launch(self, program: str | Path | wc.Component, arguments: list[str] = (), limits: Limits | None = None,
                on_message: Callable[[str], None] | None = None, on_end: Callable[[Outcome], None] | None = None,
-               prompt_hint: str = "", worker_id: str | None = None, cache_scope: str = "") -> RunningInferlet:
+               prompt_hint: str = "", worker_id: str | None = None, cache_scope: str = "",
+               keep_messages: bool = True) -> RunningInferlet:
         """Place and start an inferlet. `prompt_hint`: text its context will start with, for
         prefix-affinity placement (optional); `worker_id` places it there instead."""
         component = self.component(program)
@@ -84,7 +85,7 @@ class ClusterHost:
         try:
             host = self.host_for(owner.worker_id)
             return host.launch(component, arguments, limits, on_message, ended, instance_id=instance_id,
-                               cache_scope=cache_scope)
+                               cache_scope=cache_scope, keep_messages=keep_messages)
         except BaseException:
             self._forget(instance_id)
             raise

@@ -165,7 +165,14 @@ class GatewayService(InferletService):
         try:
             for event in events:
                 if isinstance(event, Message):
-                    on_message(event.text)
+                    room = on_message(event.text)
+                    # the client's outbox is full: read no more from the host until it has room (gRPC's
+                    # flow control then holds the host's send), or the client stops the inferlet
+                    while room is not None and not room.done and not running._stream.cancelled:
+                        try:
+                            room.wait(1.0)
+                        except TimeoutError:
+                            pass
                 elif isinstance(event, Finished):
                     outcome.error = None
                 elif isinstance(event, Failed):

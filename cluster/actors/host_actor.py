@@ -29,7 +29,7 @@ class HostService(InferletService):
     def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest,
                 on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RunningInferlet:
         return self.host.launch(component, list(request.arguments), on_message=on_message, on_end=on_end,
-                                prompt_hint=request.prompt_hint, cache_scope=cache_scope(request))
+                                prompt_hint=request.prompt_hint, cache_scope=cache_scope(request), keep_messages=False)
 
     def _capacity(self) -> dict:
         return self.host.directory.capacity()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from concurrent import futures
@@ -29,7 +28,8 @@ from cluster.runtime.inferlet_host import InferletHost, Outcome, RunningInferlet
 from cluster.api.program_store import ProgramStore
 from cluster.proto import pie_pb2, pie_pb2_grpc
 from cluster.rpc.remote_worker import WorkerUnavailable
-from cluster.runtime.sandbox import MAX_COMPONENT_BYTES
+from cluster.runtime.outbox import Outbox
+from cluster.runtime.sandbox import MAX_COMPONENT_BYTES, Limits
 from cluster.runtime.session import InferletEnded
 from cluster.runtime.wit_values import Refused
 
@@ -186,10 +186,11 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                 on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RunningInferlet:
         """Start the inferlet (cluster mode overrides where and how)."""
         return self.host.launch(component, list(request.arguments), on_message=on_message, on_end=on_end,
-                                cache_scope=cache_scope(request))
+                                cache_scope=cache_scope(request), keep_messages=False)
 
     def Launch(self, request: pie_pb2.LaunchRequest, context) -> Iterator[pie_pb2.Event]:
-        events: queue.SimpleQueue[str | Outcome] = queue.SimpleQueue()
+        limits = getattr(self.host, "limits", None) or Limits()
+        events = Outbox(limits.max_outbox_messages, limits.max_outbox_bytes)  # send waits while the client lags
         try:
             running = self._start(self._component(request.program_id), request, events)
         except InferletError as e:

@@ -122,19 +122,21 @@ class InferletHost:
     def launch(self, program: str | Path | wc.Component, arguments: list[str] = (), limits: Limits | None = None,
                on_message: Callable[[str], None] | None = None,
                on_end: Callable[[Outcome], None] | None = None, instance_id: str | None = None,
-               cache_scope: str = "") -> RunningInferlet:
+               cache_scope: str = "", keep_messages: bool = True) -> RunningInferlet:
         """Start an inferlet; `instance_id` names it (default: a fresh `inferlet-<host>-<n>`).
-        `cache_scope` (program and tenant) decides whose prefix-cache pages it may reuse."""
+        `cache_scope` (program and tenant) decides whose prefix-cache pages it may reuse.
+        on_message(message) may answer a Pending: the inferlet's send waits for it (backpressure).
+        keep_messages=False: its messages go to on_message only, not into its Outcome too."""
         component = self.component(program)
         limits = limits or self.limits
         instance_id = instance_id or f"inferlet-{self.host_id}-{next(self._ids)}"
         outcome = Outcome(instance_id)
         finished = threading.Event()
 
-        def deliver(message: str) -> None:
-            outcome.messages.append(message)
-            if on_message:
-                on_message(message)
+        def deliver(message: str):
+            if keep_messages:
+                outcome.messages.append(message)
+            return on_message(message) if on_message else None
 
         def ended(error: str | None) -> None:
             outcome.error = error

@@ -37,6 +37,8 @@ class Limits:
     max_inbox_messages: int = 256  # client messages not yet received
     max_pages: int = 256  # KV pages held at once
     max_message_bytes: int = 64 << 10  # one message to the client
+    max_outbox_messages: int = 256  # messages to the client not yet taken by it (past it, send waits)
+    max_outbox_bytes: int = 4 << 20  # their bytes
     max_outstanding_passes: int = 64  # submitted, not yet awaited
     max_outstanding_http: int = 64  # HTTP requests started with http.send, not yet awaited
     max_pass_tokens: int = 8192  # input tokens of one forward pass

@@ -382,6 +382,13 @@ def mode_flood(args):
         send(str(i))
 
 
+def mode_flood_big(args):
+    """Many large messages, numbered, as fast as send takes them."""
+    filler = "y" * int(args[1])
+    for i in range(int(args[0])):
+        send(f"{i}:{filler}")
+
+
 def mode_hog_pages(args):
     held = []
     try:

@@ -14,11 +14,12 @@ MAX_LOG_CHARS = 4096
 
 
 def imports(s: InferletSession) -> dict:
-    def send(message: str) -> None:
+    def send(message: str) -> Pending:
         size = len(message.encode())
         if size > s.limits.max_message_bytes:
             raise Refused(f"message of {size} bytes exceeds the limit of {s.limits.max_message_bytes}")
-        s.on_message(message)
+        room = s.on_message(message)  # a Pending when the client's outbox is full: wait for the reader
+        return room if isinstance(room, Pending) else Pending.ready(None)
 
     def sleep(ms: int) -> Pending:
         pending = Pending()
@@ -28,7 +29,7 @@ def imports(s: InferletSession) -> dict:
     return {
         "get-arguments": raw(lambda: list(s.arguments)),
         "instance-id": raw(lambda: s.instance_id),
-        "send": sync(send),
+        "send": waiting(s, send),
         "receive": waiting(s, lambda timeout_ms: s.receive(timeout_s(timeout_ms)), err=None),
         "sleep": waiting(s, sleep, err=None),
         "log": raw(lambda message: log.info("[%s] %s", s.instance_id, message[:MAX_LOG_CHARS])),

@@ -1,0 +1,78 @@
+"""An inferlet's messages on their way to its client, bounded in count and bytes.
+
+put() answers a Pending: done at once while there is room, else once the reader has taken
+enough. The inferlet's `send` waits on it, so an inferlet whose client reads slowly is
+suspended (others run) instead of growing the server; one whose client reads nothing waits
+until its wall-clock limit ends it. The end of the stream (an Outcome) always fits."""
+from __future__ import annotations
+
+import collections
+import threading
+
+from cluster.pending import Pending
+
+
+class Outbox:
+    def __init__(self, max_messages: int, max_bytes: int):
+        self.max_messages, self.max_bytes = max_messages, max_bytes
+        self._items: collections.deque = collections.deque()  # messages (str), then the end
+        self._bytes = self._count = 0  # of the messages in _items
+        self._blocked: collections.deque = collections.deque()  # (message, size, Pending) past the bound
+        self._cond = threading.Condition()
+
+    def _fits(self, size: int) -> bool:
+        return not self._items or (self._count < self.max_messages and self._bytes + size <= self.max_bytes)
+
+    def put(self, message) -> Pending:
+        """A message (str); anything else is the stream's end (see end())."""
+        if not isinstance(message, str):
+            self.end(message)
+            return Pending.ready(None)
+        size = len(message.encode("utf-8", "surrogatepass"))
+        with self._cond:
+            if not self._blocked and self._fits(size):
+                self._items.append(message)
+                self._bytes += size
+                self._count += 1
+                self._cond.notify()
+                return Pending.ready(None)
+            waiting = Pending()
+            self._blocked.append((message, size, waiting))
+            return waiting
+
+    def end(self, item) -> None:
+        """The last item (an Outcome), after every message put before it, blocked ones included."""
+        with self._cond:
+            self._blocked.append((item, 0, None))
+            self._admit()
+
+    def _admit(self) -> list[Pending]:
+        admitted = []
+        while self._blocked and (self._blocked[0][2] is None or self._fits(self._blocked[0][1])):
+            item, size, waiting = self._blocked.popleft()
+            self._items.append(item)
+            if waiting is not None:
+                self._bytes += size
+                self._count += 1
+                admitted.append(waiting)
+        self._cond.notify()
+        return admitted
+
+    def get(self, timeout: float | None = None):
+        """The next item, waiting for one; raises TimeoutError after `timeout` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                raise TimeoutError("no message within the timeout")
+            item = self._items.popleft()
+            if isinstance(item, str):
+                self._bytes -= len(item.encode("utf-8", "surrogatepass"))
+                self._count -= 1
+            admitted = self._admit()
+        for waiting in admitted:  # outside the lock: completing wakes the inferlet
+            waiting.complete(None)
+        return item
+
+    @property
+    def buffered_bytes(self) -> int:
+        with self._cond:
+            return self._bytes
