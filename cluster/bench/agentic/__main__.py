@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     tool_url = f"http://127.0.0.1:{tool.server_address[1]}/"
     executor = load_executor(max(pages_needed(s) for _, s in chosen) + 256, dtype=opts.dtype)
     policy = HttpPolicy(allowed_hosts=(f"127.0.0.1:{tool.server_address[1]}",))
-    results = {}
+    results, failures = {}, {}
     with InferletHost(executor, http_policy=policy) as host:
         service = InferletService(host, ProgramStore())
         http = None if opts.openai_url else serve_openai(service, port=0)
@@ -85,30 +85,41 @@ def main(argv=None) -> int:
             client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
             for workload, sizes in chosen:
                 print(f"{workload.name}: {workload.describe(sizes)}", flush=True)
-                run_id = f"{workload.name}-{time.time_ns()}"
-                result = {"what": workload.describe(sizes), "sizes": sizes}
-                if workload is REACT:
-                    result["ideal"] = ideal_seconds(host, sizes)
-                result["inferlet"] = run_inferlets(host, workload, Env(sizes, tool_url, run_id))
-                print(f"  inferlets {result['inferlet']['wall_s']:.1f} s; the client loop over {url} ...", flush=True)
-                result["client_loop"] = run_client_loop(workload, Env(sizes, tool_url, run_id, client, model))
-                print(f"  client loop {result['client_loop']['wall_s']:.1f} s", flush=True)
-                result["inferlet_vs_loop"] = result["inferlet"]["tasks_per_min"] / result["client_loop"]["tasks_per_min"]
-                if "ideal" in result:
-                    result["inferlet_vs_ideal"] = result["inferlet"]["wall_s"] / result["ideal"]["seconds"]
-                results[workload.name] = result
+                try:
+                    results[workload.name] = run_workload(host, workload, sizes, tool_url, client, model, url)
+                except Exception as e:  # the other workloads still run; the failure is reported
+                    failures[workload.name] = repr(e)
+                    print(f"  FAILED: {e!r}", flush=True)
         finally:
             if http is not None:
                 http.stop()
     tool.shutdown()
     print(f"\nAgentic workloads, {opts.dtype}, client loop over {url}:")
     print(table(results))
+    for name, error in failures.items():
+        print(f"{name} failed: {error}")
     if opts.json:
         Path(opts.json).write_text(json.dumps({"dtype": opts.dtype, "client_loop_server": url,
-                                               "workloads": results}, indent=1))
-    if opts.png:
+                                               "workloads": results, "failures": failures}, indent=1))
+    if opts.png and results:
         chart(results, opts.png, f"Inferlet vs client loop over an OpenAI API ({opts.dtype}, same host)")
-    return 0
+    return 1 if failures else 0
+
+
+def run_workload(host, workload, sizes: dict, tool_url: str, client, model: str, url: str) -> dict:
+    """Both sides of one workload (and ReAct's ideal), the inferlets first."""
+    run_id = f"{workload.name}-{time.time_ns()}"
+    result = {"what": workload.describe(sizes), "sizes": sizes}
+    if workload is REACT:
+        result["ideal"] = ideal_seconds(host, sizes)
+    result["inferlet"] = run_inferlets(host, workload, Env(sizes, tool_url, run_id))
+    print(f"  inferlets {result['inferlet']['wall_s']:.1f} s; the client loop over {url} ...", flush=True)
+    result["client_loop"] = run_client_loop(workload, Env(sizes, tool_url, run_id, client, model))
+    print(f"  client loop {result['client_loop']['wall_s']:.1f} s", flush=True)
+    result["inferlet_vs_loop"] = result["inferlet"]["tasks_per_min"] / result["client_loop"]["tasks_per_min"]
+    if "ideal" in result:
+        result["inferlet_vs_ideal"] = result["inferlet"]["wall_s"] / result["ideal"]["seconds"]
+    return result
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ from cluster.runtime.wit_values import Refused
 from workers.step_types import ForwardRequest, Sampler
 
 
+OUTPUTS_PER_TOKEN = 4  # output specs per input token (a sampled token and its top alternatives are two)
+
+
 def imports(s: InferletSession) -> dict:
     info = s.services.info
     worker = s.services.worker
@@ -75,8 +78,9 @@ def check_sizes(limits, p, page_size: int, vocab_size: int) -> int:
     if not 1 <= last <= page_size:
         raise Refused(f"last-page-len {last} is outside [1, page size {page_size}]")
     kv_len = (len(pages) - 1) * page_size + last
-    if len(p.outputs) > len(tokens):
-        raise Refused(f"a pass asks {len(p.outputs)} outputs of its {len(tokens)} tokens; at most one per token")
+    if len(p.outputs) > OUTPUTS_PER_TOKEN * len(tokens):
+        raise Refused(f"a pass asks {len(p.outputs)} outputs of its {len(tokens)} tokens; at most "
+                      f"{OUTPUTS_PER_TOKEN} per token")
     for spec in p.outputs:
         if isinstance(spec.sampler, list) and not 1 <= len(spec.sampler) <= vocab_size:
             raise Refused(f"a logprobs sampler lists {len(spec.sampler)} tokens; it needs 1 to {vocab_size}")

@@ -5,12 +5,13 @@ What only a program next to the model can do, shown here: the instructions' KV i
 and shared by every agent (exported under --share, imported by the others); the conversation's KV
 is kept across tool calls (only the observation is new each round, never the whole history); each
 observation's KV is dropped once the next thought is written, so long tool output costs no
-attention later (--keep-observations to keep them).
+attention later (--keep-observations to keep them). A thought's actions run at once, and its KV is
+written while they do: the tool calls overlap the model's work.
 
     pie run --allow-http 127.0.0.1:8080 inferlets/examples/agents/react.py -- \\
         --tool http://127.0.0.1:8080/search --question "Where is the Eiffel Tower?" --rounds 3
 
-Each round sends one JSON message ({"round", "thought", "action", "observation"}), then one with
+Each round sends one JSON message ({"round", "thought", "actions", "observation"}), then one with
 {"answer"}. The tool gets a POST with {"tool": NAME, "input": TEXT} and answers text.
 """
 import argparse
@@ -51,6 +52,7 @@ def main(args: list[str]) -> None:
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per thought")
     ap.add_argument("--share", default="", help="export name of the instructions' KV, shared by every agent")
     ap.add_argument("--keep-observations", action="store_true")
+    ap.add_argument("--max-actions", type=int, default=4, help="actions of one thought, run at once")
     opts = ap.parse_args(args)
 
     with shared_instructions(opts.share) as base:
@@ -67,13 +69,14 @@ def main(args: list[str]) -> None:
             if final:
                 send(json.dumps({"answer": final}))
                 return
-            match = ACTION.search(thought)
-            action = (match.group(1), match.group(2)) if match else ("search", thought[-200:] or opts.question)
-            reply = http.post(opts.tool, json.dumps({"tool": action[0], "input": action[1]}),
-                              headers=[("Content-Type", "application/json")])
-            observation = reply.text[:600]
-            send(json.dumps({"round": round_, "thought": thought, "action": list(action), "observation": observation}))
+            actions = ACTION.findall(thought)[:opts.max_actions] or [("search", thought[-200:] or opts.question)]
+            calls = [http.start("POST", opts.tool, [("Content-Type", "application/json")],
+                                json.dumps({"tool": tool, "input": text})) for tool, text in actions]
             ctx.fill("\nObservation: ")
+            ctx.flush()  # the thought's KV is written while the tools run
+            observation = "\n".join(call.result().text[:600] for call in calls)  # every action's, at once
+            send(json.dumps({"round": round_, "thought": thought, "actions": [list(a) for a in actions],
+                             "observation": observation}))
             start = ctx.kv_len + len(ctx.pending)  # the slot the observation's first token will fill
             ctx.fill(observation)
             observation_slots = (start, ctx.kv_len + len(ctx.pending))
