@@ -432,6 +432,12 @@ def test_oversized_host_calls_are_refused_before_any_work(runner):
     assert "max_decode_tokens" in msg["decode"]
 
 
+def test_a_list_longer_than_the_host_lifts_ends_only_that_inferlet(runner):
+    bad, good = _run_beside_a_good_one(runner, "huge_list")
+    assert not bad.ok and "2097152 elements crosses into the host" in bad.error, bad.error
+    assert good.ok and "".join(good.messages), good.error
+
+
 def test_a_long_text_is_encoded_off_the_scheduler_thread_the_same(runner, ex32):
     outcome, [msg] = run_probe(runner, "long_encode", "The quick brown fox jumps. ", 1000)  # 27 KB: off-thread
     assert outcome.ok, outcome.error

@@ -260,3 +260,10 @@ def test_time_1024_u32_both_ways_stock_vs_bulk(list_types, store, capsys):
         print(f"\n1024 x u32: to_c stock {stock_us[0]:.0f} us, bulk {bulk_us[0]:.0f} us "
               f"({stock_us[0] / bulk_us[0]:.1f}x); from_c stock {stock_us[1]:.0f} us, bulk {bulk_us[1]:.0f} us "
               f"({stock_us[1] / bulk_us[1]:.1f}x)")
+
+
+def test_a_list_past_the_cap_is_refused_before_python_copies_it(list_types, store, monkeypatch):
+    monkeypatch.setattr(wasm_lists, "MAX_ELEMENTS", 1000)
+    with pytest.raises(ValueError, match="1001 elements"):
+        round_trip(list_types["u32"], store, list(range(1001)))
+    assert round_trip(list_types["u32"], store, list(range(1000))) == list(range(1000))

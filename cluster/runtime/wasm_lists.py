@@ -29,6 +29,12 @@ _SCALARS = {
 
 _original = (T.ListType.convert_to_c, T.ListType.convert_from_c)
 
+# The longest scalar list a guest may hand the host (every import's sizes are far below: a pass's
+# tokens, a decode, a mask row): past it the import fails before the list is copied into Python,
+# where a u32 costs ~36 bytes (wasmtime's own C list, 32 bytes an element, is already built).
+MAX_ELEMENTS = 1 << 20
+MAX_BYTES = 1 << 26  # list<u8>: bytes cost a byte each
+
 
 def _scalar(list_type):
     """(kind, typecode, width, element) for a scalar element type, else None; cached per list type."""
@@ -83,6 +89,9 @@ def _from_c(self, c):
     kind, code, width, element = spec
     try:
         n = c.of.list.size
+        cap = MAX_BYTES if isinstance(element, T.U8) else MAX_ELEMENTS
+        if n > cap:
+            raise ValueError(f"a list of {n} elements crosses into the host; the limit is {cap}")
         buf = ctypes.string_at(c.of.list.data, n * _VAL_SIZE) if n else b""
         packed = bytearray(n * width)
         for b in range(width):

@@ -141,6 +141,11 @@ def mode_oversized(args):
     unwrap(kv.free, [page])
 
 
+def mode_huge_list(args):
+    """A list longer than the host lifts (wasm_lists.MAX_ELEMENTS): the call ends this inferlet."""
+    model.decode([0] * (1 << 21))
+
+
 def mode_long_encode(args):
     """A text long enough to be encoded off the scheduler thread."""
     ids = unwrap(model.encode, args[0] * int(args[1]))
