@@ -1,4 +1,5 @@
-"""The agentic benchmark's table and chart."""
+"""The agentic benchmark's table and chart; `python -m cluster.bench.agentic.report RESULT.json OUT.png [TITLE]`
+draws the chart again from a run's JSON."""
 from __future__ import annotations
 
 GOALS = {"react": 2.0}  # issue 17's goals: ReAct 2x the client loop, the others 1.3x
@@ -35,13 +36,13 @@ def chart(results: dict, path: str, title: str) -> None:
     names = list(results)[::-1]
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.4))
     ratios = [results[n]["inferlet_vs_loop"] for n in names]
-    bars = ax.barh(names, ratios, color=["#36c" if r >= GOALS.get(n, DEFAULT_GOAL) else "#c66"
-                                         for n, r in zip(names, ratios)])
-    ax.bar_label(bars, labels=[f"{r:.2f}x ({results[n]['inferlet']['tasks_per_min']:.1f} vs "
-                               f"{results[n]['client_loop']['tasks_per_min']:.1f} tasks/min)"
-                               for n, r in zip(names, ratios)], fontsize=8, padding=3)
-    for i, n in enumerate(names):
-        ax.plot([GOALS.get(n, DEFAULT_GOAL)] * 2, [i - 0.4, i + 0.4], color="k", linestyle=":", linewidth=1)
+    ax.barh(names, ratios, color=["#36c" if r >= GOALS.get(n, DEFAULT_GOAL) else "#c66"
+                                  for n, r in zip(names, ratios)])
+    for i, (n, r) in enumerate(zip(names, ratios)):
+        goal = GOALS.get(n, DEFAULT_GOAL)
+        ax.plot([goal] * 2, [i - 0.4, i + 0.4], color="k", linestyle=":", linewidth=1)
+        ax.text(max(r, goal) + 0.08, i, f"{r:.2f}x ({results[n]['inferlet']['tasks_per_min']:.1f} vs "
+                f"{results[n]['client_loop']['tasks_per_min']:.1f} tasks/min)", va="center", fontsize=8)
     ax.axvline(1.0, color="#999", linewidth=0.8)
     ax.set_xlim(0, max(ratios + [2.0]) * 1.6)
     ax.set_xlabel("inferlet tasks/min / client loop tasks/min (dotted: the goal)")
@@ -49,3 +50,12 @@ def chart(results: dict, path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"chart: {path}")
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    run = json.load(open(sys.argv[1]))
+    chart(run["workloads"], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else
+          f"Inferlet vs client loop over {run['client_loop_server']} ({run['dtype']})")
