@@ -60,9 +60,9 @@ RELAY_EVENTS = 64  # a Launch's events between its pump thread and the replica's
 UPLOAD_THREADS = 4  # uploads compiled at once (each holds a thread while it reads chunks and compiles)
 
 
-
 class _RelayClosed(Exception):
     """The Launch stream a pump feeds has ended."""
+
 
 class CallAborted(Exception):
     """ServeContext.abort: the status is set on Serve's context; Serve sends it with the details."""

@@ -15,7 +15,7 @@ from cluster.pending import Pending
 class Outbox:
     def __init__(self, max_messages: int, max_bytes: int):
         self.max_messages, self.max_bytes = max_messages, max_bytes
-        self._items: collections.deque = collections.deque()  # messages (str), then the end
+        self._items: collections.deque = collections.deque()  # (message, size), then (the end, 0)
         self._bytes = self._count = 0  # of the messages in _items
         self._blocked: collections.deque = collections.deque()  # (message, size, Pending) past the bound
         self._cond = threading.Condition()
@@ -31,7 +31,7 @@ class Outbox:
         size = len(message.encode("utf-8", "surrogatepass"))
         with self._cond:
             if not self._blocked and self._fits(size):
-                self._items.append(message)
+                self._items.append((message, size))
                 self._bytes += size
                 self._count += 1
                 self._cond.notify()
@@ -50,7 +50,7 @@ class Outbox:
         admitted = []
         while self._blocked and (self._blocked[0][2] is None or self._fits(self._blocked[0][1])):
             item, size, waiting = self._blocked.popleft()
-            self._items.append(item)
+            self._items.append((item, size))
             if waiting is not None:
                 self._bytes += size
                 self._count += 1
@@ -63,9 +63,9 @@ class Outbox:
         with self._cond:
             if not self._cond.wait_for(lambda: self._items, timeout):
                 raise TimeoutError("no message within the timeout")
-            item = self._items.popleft()
+            item, size = self._items.popleft()
             if isinstance(item, str):
-                self._bytes -= len(item.encode("utf-8", "surrogatepass"))
+                self._bytes -= size
                 self._count -= 1
             admitted = self._admit()
         for waiting in admitted:  # outside the lock: completing wakes the inferlet

@@ -145,12 +145,8 @@ def unpack_bitmask(words: list[int], vocab_size: int) -> np.ndarray:
 
 
 def decode_mask(rows: list[list[int]], q_len: int, kv_len: int) -> np.ndarray:
-    """Run-length rows (attend, skip, attend, ...) -> [q_len, kv_len] bool."""
-    if len(rows) != q_len:
-        raise Refused(f"the attention mask has {len(rows)} rows for {q_len} tokens")
-    for i, runs in enumerate(rows):  # before allocating: the sums bound the array
-        if sum(runs) != kv_len:
-            raise Refused(f"attention mask row {i} covers {sum(runs)} slots; the KV sequence has {kv_len}")
+    """Run-length rows (attend, skip, attend, ...) -> [q_len, kv_len] bool; the rows' count and
+    sums are check_sizes's to refuse, before this allocates."""
     mask = np.zeros((q_len, kv_len), dtype=bool)
     for i, runs in enumerate(rows):
         mask[i] = np.repeat(np.arange(len(runs)) % 2 == 0, runs)

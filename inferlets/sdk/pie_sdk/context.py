@@ -160,10 +160,10 @@ class Context:
             self.mask_slots(start, end)
 
     # -- running ---------------------------------------------------------------------------------
-    def _submit(self, inputs, outputs) -> int:
+    def _submit(self, inputs, outputs, mask=None) -> int:
         last = self._reserve(len(inputs))
         positions = list(range(self.next_position, self.next_position + len(inputs)))
-        handle = unwrap(forward.submit, forward.Pass(list(inputs), positions, self.pages, last, None, outputs))
+        handle = unwrap(forward.submit, forward.Pass(list(inputs), positions, self.pages, last, mask, outputs))
         self.kv_len += len(inputs)
         self.next_position += len(inputs)
         return handle
@@ -203,13 +203,8 @@ class Context:
         for i, runs in enumerate(mask):
             if sum(runs) != length:
                 raise ValueError(f"token {i}'s mask row covers {sum(runs)} slots, not the {length} there will be")
-        last = self._reserve(len(tokens))
-        positions = list(range(self.next_position, self.next_position + len(tokens)))
         outputs = [forward.OutputSpec(len(tokens) - 1, distribution(top_k), None, None, False)] if top_k else []
-        done = unwrap(forward.wait, unwrap(forward.submit, forward.Pass(tokens, positions, self.pages, last,
-                                                                        [list(r) for r in mask], outputs)))
-        self.kv_len += len(tokens)
-        self.next_position += len(tokens)
+        done = unwrap(forward.wait, self._submit(tokens, outputs, [list(r) for r in mask]))
         self.tokens.extend(tokens)
         return done[0].value if top_k else None
 
