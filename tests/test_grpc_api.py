@@ -288,6 +288,24 @@ def test_health_and_list(client, server, _executor_fp32):
     print(f"\nunary round trip (Health): {(time.perf_counter() - t0) / n * 1e3:.2f} ms")
 
 
+def test_health_counts_pages_the_prefix_cache_holds_apart_from_free_ones(client, host):
+    """Free pages alone are not what an idle server can allocate: the prefix cache keeps pages after
+    their inferlets end (the soak test checks free + cached == total once its load is over)."""
+    pages = host.worker.pages
+    before = client.health()
+    held = pages.allocate("health-test", 3, 3)
+    assert pages.cache_store("health-test", [bytes([i]) * 32 for i in range(3)], held) == 3
+    pages.drop_holder("health-test")
+    try:
+        health = client.health()
+        assert health.cached_pages == before.cached_pages + 3, health
+        assert health.free_pages == before.free_pages - 3, health
+        assert health.free_pages + health.cached_pages == health.total_pages, health  # nothing runs
+    finally:
+        pages.drop_cache()
+    assert client.health().cached_pages == 0
+
+
 def test_generated_code_is_current(tmp_path):
     """cluster/proto/*_pb2*.py are what `make proto` makes from the .proto files now."""
     protos = ["pie", "worker"]

@@ -95,8 +95,10 @@ def test_bad_arguments_are_refused_with_the_cause(d):
         d.export("a", "n", [15, 16])
     with pytest.raises(InvalidDirectoryRequest, match="9 tokens do not fit in 2 pages"):
         d.export("a", "n", [1, 2], tokens=tokens(9))
-    with pytest.raises(InvalidDirectoryRequest, match="reports 17 free pages"):
+    with pytest.raises(InvalidDirectoryRequest, match="reports 17 free and 0 cached pages of 16"):
         d.report_load("w0", 17)
+    with pytest.raises(InvalidDirectoryRequest, match="reports 10 free and 7 cached pages of 16"):
+        d.report_load("w0", 10, 7)  # more than the pages not free
     with pytest.raises(UnknownOwner, match="'ghost'"):
         d.export("ghost", "n", [1])
     with pytest.raises(UnknownWorker, match="no worker 'w9'"):
@@ -304,8 +306,9 @@ def test_least_loaded_breaks_running_ties_by_free_pages(d):
     d.register("w0", 100)
     d.register("w1", 100)
     assert d.place() == "w0"  # all equal: the id decides, stably
-    d.report_load("w0", 10)
+    d.report_load("w0", 10, 5)
     d.report_load("w1", 90)
+    assert [(w.free_pages, w.cached_pages) for w in d.workers()] == [(10, 5), (90, 0)]
     assert d.place() == "w1"
     d.add_owner("a", "h0", "w1")
     assert d.place() == "w0"  # fewer running inferlets comes first

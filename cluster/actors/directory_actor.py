@@ -76,7 +76,7 @@ class Directory(KvDirectory):
         with self._meta_lock:
             model = self._model["info"]["name"] if self._model and live else ""
         return {"model": model, "free_pages": sum(w.free_pages for w in live),
-                "total_pages": sum(w.num_pages for w in live)}
+                "total_pages": sum(w.num_pages for w in live), "cached_pages": sum(w.cached_pages for w in live)}
 
     def bus_target(self) -> str:
         """Where the cluster's message bus serves: one MessageBus for every host's inferlets, run in

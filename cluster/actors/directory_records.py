@@ -34,6 +34,7 @@ class WorkerLoad:
     free_pages: int  # as last reported by the worker (num_pages until its first report)
     running: int  # inferlets placed on it that have not ended
     num_exports: int  # exports whose pages it holds
+    cached_pages: int = 0  # held only by its prefix cache, as last reported
 
 
 @dataclass(frozen=True)

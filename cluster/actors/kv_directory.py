@@ -48,6 +48,7 @@ MAX_EXPORT_NAME_BYTES = 256  # as cluster.worker.page_registry (not imported: it
 class _Worker:
     num_pages: int
     free_pages: int
+    cached_pages: int = 0  # held only by its prefix cache
     live: bool = True
     running: int = 0  # owners placed on it
 
@@ -121,18 +122,18 @@ class KvDirectory:
             del self._workers[worker_id]
             return lost
 
-    def report_load(self, worker_id: str, free_pages: int) -> None:
+    def report_load(self, worker_id: str, free_pages: int, cached_pages: int = 0) -> None:
         with self._lock:
             worker = self._worker(worker_id)
-            if not 0 <= free_pages <= worker.num_pages:
-                raise InvalidDirectoryRequest(f"worker {worker_id!r} reports {free_pages} free pages of "
-                                              f"{worker.num_pages}")
-            worker.free_pages = free_pages
+            if not (0 <= free_pages <= worker.num_pages and 0 <= cached_pages <= worker.num_pages - free_pages):
+                raise InvalidDirectoryRequest(f"worker {worker_id!r} reports {free_pages} free and {cached_pages} "
+                                              f"cached pages of {worker.num_pages}")
+            worker.free_pages, worker.cached_pages = free_pages, cached_pages
 
     def workers(self) -> list[WorkerLoad]:
         with self._lock:
             exports = collections.Counter(e.worker_id for e in self._exports.values())
-            return [WorkerLoad(w_id, w.live, w.num_pages, w.free_pages, w.running, exports[w_id])
+            return [WorkerLoad(w_id, w.live, w.num_pages, w.free_pages, w.running, exports[w_id], w.cached_pages)
                     for w_id, w in sorted(self._workers.items())]
 
     # -- owners (running inferlets) --------------------------------------------------------------

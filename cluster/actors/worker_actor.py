@@ -74,7 +74,7 @@ class WorkerActor:
         stop = threading.Event()
         while not stop.wait(LOAD_REPORT_S):
             try:
-                self.directory.report_load(self.worker_id, self.worker.num_free_pages)
+                self.directory.report_load(self.worker_id, self.worker.num_free_pages, self.worker.pages.num_cached())
             except UnknownWorker:  # Ray restarted the directory, empty: join it again, without the old names
                 dropped = self.worker.pages.drop_exports()
                 log.warning("the directory restarted: worker %s joins again and ends its %d exports, whose names "

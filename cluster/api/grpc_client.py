@@ -83,6 +83,7 @@ class Health:
     free_pages: int  # KV pages free now
     total_pages: int
     running: int  # inferlets launched through the server and not yet ended
+    cached_pages: int = 0  # KV pages held only by the prefix cache (free_pages + cached_pages: what can be allocated)
 
 
 def _event(pb: pie_pb2.Event) -> Event:
@@ -199,4 +200,4 @@ class PieClient:
 
     def health(self) -> Health:
         r = self._unary("Health", pie_pb2.Empty())
-        return Health(r.status, r.model, r.free_pages, r.total_pages, r.running)
+        return Health(r.status, r.model, r.free_pages, r.total_pages, r.running, r.cached_pages)

@@ -246,9 +246,10 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
         return pie_pb2.HealthReply(status="serving", running=running, **self._capacity())
 
     def _capacity(self) -> dict:
-        """The model and KV pages behind this service: HealthReply's model, free_pages, total_pages."""
+        """The model and KV pages behind this service: HealthReply's model, free_pages, total_pages, cached_pages."""
         worker = self.host.worker
-        return {"model": worker.info.name, "free_pages": worker.num_free_pages, "total_pages": worker.info.num_pages}
+        return {"model": worker.info.name, "free_pages": worker.num_free_pages, "total_pages": worker.info.num_pages,
+                "cached_pages": worker.pages.num_cached()}
 
 
 class PieServer:

@@ -107,15 +107,17 @@ class InferletInfo(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., program_id: _Optional[str] = ..., seconds_running: _Optional[float] = ...) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "model", "free_pages", "total_pages", "running")
+    __slots__ = ("status", "model", "free_pages", "total_pages", "running", "cached_pages")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PAGES_FIELD_NUMBER: _ClassVar[int]
     status: str
     model: str
     free_pages: int
     total_pages: int
     running: int
-    def __init__(self, status: _Optional[str] = ..., model: _Optional[str] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., running: _Optional[int] = ...) -> None: ...
+    cached_pages: int
+    def __init__(self, status: _Optional[str] = ..., model: _Optional[str] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., running: _Optional[int] = ..., cached_pages: _Optional[int] = ...) -> None: ...
