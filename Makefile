@@ -3,12 +3,16 @@
 # make test:  the test suite       make bench: executor vs transformers throughput
 # make fuzz:  the fuzz tests at length (hypothesis, and every WIT import called with random arguments)
 # make loadtest: locust against a local `pie serve` for DURATION (60s) with USERS (4) users; prints TTFT / ITL / e2e
+# make soak:  10 minutes of normal, leaving, slow and hostile clients against `pie serve`; fails on a failed normal
+#             request, memory growth past 5% after the warm-up, or KV pages not back (SOAK_ARGS: loadtests/soak.py)
+# make chaos: `pie serve --ray` under load, a worker or host actor killed every minute; fails unless only the killed
+#             actor's inferlets fail, naming it, pages come back and throughput recovers (CHAOS_ARGS: loadtests/chaos.py)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test fuzz bench loadtest proto clean
+.PHONY: setup run test fuzz bench loadtest soak chaos proto clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -44,6 +48,14 @@ API ?= grpc
 LOADTEST_ARGS ?=
 loadtest: setup
 	$(PY) loadtests/run.py --api $(API) --users $(USERS) --duration $(DURATION) --max-tokens $(MAX_TOKENS) $(LOADTEST_ARGS)
+
+SOAK_ARGS ?=
+soak: setup
+	$(PY) loadtests/soak.py --duration 10m --out-dir soak-out --png soak-out/soak.png $(SOAK_ARGS)
+
+CHAOS_ARGS ?=
+chaos: setup
+	$(PY) loadtests/chaos.py --duration 6m --out-dir chaos-out --png chaos-out/chaos.png $(CHAOS_ARGS)
 
 # regenerate the committed gRPC code of cluster/proto (tests check it is current)
 proto: setup

@@ -72,9 +72,11 @@ def _arguments(parser) -> None:
                              "request and failure counts to this JSON file (exact percentiles; locust rounds)")
     parser.add_argument("--pie-token", env_var="PIE_TOKEN", default="", is_secret=True,
                         help="the server's bearer token (default: $PIE_TOKEN)")
+    parser.add_argument("--grpc-host", default="",
+                        help="HOST:PORT of the gRPC API when --host is the HTTP one (users of both APIs in one run)")
 
 
-class _Program:
+class Program:
     """The component's program id on the server, uploaded once per process (a failure is kept too:
     the users after the first one report it without trying again)."""
 
@@ -105,7 +107,7 @@ class _Program:
             return client.upload(wasm_path)
 
 
-_program = _Program()
+text_program = Program()
 SAMPLES_MS: dict[str, list[float]] = {"ttft": [], "itl": [], "e2e": []}  # successes of this process
 
 
@@ -118,17 +120,18 @@ def _write_samples(environment, **_) -> None:
     stats = environment.runner.stats
     report = {
         "samples_ms": SAMPLES_MS,
-        "requests": {name: {"count": e.num_requests, "failures": e.num_failures}
-                     for (name, _method), e in stats.entries.items()},
+        "requests": {f"{method} {name}": {"count": e.num_requests, "failures": e.num_failures}
+                     for (name, method), e in stats.entries.items()},  # method: grpc / http / ...
         "failures": stats.total.num_failures,
-        "errors": [{"name": e.name, "error": str(e.error), "occurrences": e.occurrences} for e in stats.errors.values()],
+        "errors": [{"name": e.name, "method": e.method, "error": str(e.error), "occurrences": e.occurrences}
+                   for e in stats.errors.values()],
         "run_s": time.time() - stats.total.start_time,
     }
     with open(path, "w") as f:
         json.dump(report, f)
 
 
-def _record(environment, request_type: str, name: str, ms: float, length: int = 0,
+def record(environment, request_type: str, name: str, ms: float, length: int = 0,
             exception: BaseException | None = None) -> None:
     if exception is None and name in SAMPLES_MS:
         SAMPLES_MS[name].append(ms)
@@ -136,7 +139,7 @@ def _record(environment, request_type: str, name: str, ms: float, length: int = 
                                     response_length=length, exception=exception, context={})
 
 
-def _options(environment) -> tuple[int, bool, float, str]:
+def options(environment) -> tuple[int, bool, float, str]:
     """(max tokens, ignore eos, timeout s, token) from locust's command line (defaults without one)."""
     opts = environment.parsed_options
     if opts is None:
@@ -144,7 +147,13 @@ def _options(environment) -> tuple[int, bool, float, str]:
     return opts.max_tokens, not opts.no_ignore_eos, opts.launch_timeout, opts.pie_token
 
 
-def _describe(error: grpc.RpcError) -> str:
+def grpc_address(user: User) -> str:
+    """The gRPC API's HOST:PORT: --grpc-host when given (--host is then the HTTP API's), else --host."""
+    opts = user.environment.parsed_options
+    return (opts.grpc_host if opts is not None and opts.grpc_host else user.host or "").removeprefix("grpc://")
+
+
+def describe(error: grpc.RpcError) -> str:
     return f"{error.code().name}: {error.details()}"
 
 
@@ -156,12 +165,12 @@ class TextCompletionUser(User):
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
-        self.max_tokens, self.ignore_eos, self.launch_timeout, token = _options(self.environment)
+        self.max_tokens, self.ignore_eos, self.launch_timeout, token = options(self.environment)
         self.metadata = bearer_metadata(token) if token else ()
-        address = (self.host or "").removeprefix("grpc://")
+        address = grpc_address(self)
         t0 = time.perf_counter()
         try:
-            self.program_id = _program.get(address, token, opts.wasm if opts else "")
+            self.program_id = text_program.get(address, token, opts.wasm if opts else "")
         except RuntimeError as e:
             log.error("upload of the component to %s failed: %s; stopping the test", address or "?", e)
             self._fire("upload", (time.perf_counter() - t0) * 1e3, exception=RuntimeError(f"upload failed: {e}"))
@@ -178,7 +187,7 @@ class TextCompletionUser(User):
             channel.close()
 
     def _fire(self, name: str, ms: float, length: int = 0, exception: BaseException | None = None) -> None:
-        _record(self.environment, "grpc", name, ms, length, exception)
+        record(self.environment, "grpc", name, ms, length, exception)
 
     @task
     def text_completion(self) -> None:
@@ -212,7 +221,7 @@ class TextCompletionUser(User):
                     return end(f"the inferlet failed: {event.failed.error.strip()}")
             end("the stream ended without Finished or Failed")
         except grpc.RpcError as e:
-            end(f"Launch: {_describe(e)}")
+            end(f"Launch: {describe(e)}")
         finally:
             call.cancel()  # no-op after the end; stops the inferlet when the test stops this user mid-stream
 
@@ -224,7 +233,7 @@ class OpenAIChatUser(HttpUser):
     _prompts = itertools.cycle(PROMPTS)
 
     def on_start(self) -> None:
-        self.max_tokens, self.ignore_eos, self.timeout, token = _options(self.environment)
+        self.max_tokens, self.ignore_eos, self.timeout, token = options(self.environment)
         self.headers = {"Authorization": f"Bearer {token or 'none'}"}
         models = self.client.get("/v1/models", headers=self.headers, name="models")
         self.model = models.json()["data"][0]["id"] if models.ok else None
@@ -262,11 +271,11 @@ class OpenAIChatUser(HttpUser):
                         if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                             now = time.perf_counter()
                             if last is None:
-                                _record(self.environment, "http", "ttft", (now - start) * 1e3)
+                                record(self.environment, "http", "ttft", (now - start) * 1e3)
                             else:
-                                _record(self.environment, "http", "itl", (now - last) * 1e3)
+                                record(self.environment, "http", "itl", (now - last) * 1e3)
                             messages, last = messages + 1, now
         except Exception as e:  # a connection error or a timeout: the request failed
             error = f"{type(e).__name__}: {e}"
-        _record(self.environment, "http", "e2e", (time.perf_counter() - start) * 1e3, messages,
+        record(self.environment, "http", "e2e", (time.perf_counter() - start) * 1e3, messages,
                 RuntimeError(error) if error else None)

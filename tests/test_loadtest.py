@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "ray")
 
 
-def test_the_locustfile_imports_neither_torch_nor_ray():
+@pytest.mark.parametrize("locustfile", ["locustfile.py", "soak_users.py"])
+def test_the_locustfiles_import_neither_torch_nor_ray(locustfile):
     """locust's gevent monkey-patching breaks ssl beside them (../shared/FACTS.md)."""
-    code = ("import runpy, sys; runpy.run_path('loadtests/locustfile.py'); "
+    code = (f"import runpy, sys; sys.path.insert(0, 'loadtests'); runpy.run_path('loadtests/{locustfile}'); "
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
