@@ -21,7 +21,8 @@ from cluster.services.http_client import HttpPolicy
 from cluster.runtime.inferlet_host import InferletHost
 from cluster.runtime.sandbox import Limits
 from cluster.runtime.wit_values import Refused
-from helpers import allocated, full_logprobs, http_reply, http_server, make_request, settled, step_logprobs
+from helpers import (allocated, full_logprobs, http_reply, http_server, logprobs_request, make_request, pages_needed,
+                     settled, step_logprobs)
 
 PROBE = Path(__file__).parent / "inferlets" / "api_probe.py"
 EXAMPLE = Path(__file__).parent.parent / "inferlets" / "examples" / "text_completion.py"
@@ -102,16 +103,71 @@ def test_wait_all_matches_the_executor(runner, ex32):
     assert "no pass with handle" in err["errors"]["unknown"] and "twice" in err["errors"]["twice"]
 
 
-def test_fork_speculative_and_beam_search_agree_with_greedy(runner):
-    question = "What is the capital of France?"
-    outcome, [msg] = run_probe(runner, "fork", question, 12)
+TIE_NATS = 1e-3  # beam scores closer than this could rank either way under fp32 rounding (batched or not)
+
+
+def reference_beam_search(executor, prefix: list[int], width: int, max_tokens: int):
+    """Context.beam_search recomputed over the executor's own log-softmax, after `prefix` (its last
+    token not yet written, as the probe's context holds it): each step keeps the `width` best
+    (score, tokens) among every beam's `width` best next tokens, a stop token ends a beam, and the
+    search ends when no open beam can beat the best finished one. Each beam decodes in KV pages of
+    its own (a child starts from a copy of its parent's). Returns (best tokens, the smallest score
+    gap at any cut or at the final choice: what a tie would have to be within)."""
+    stops, page_size = set(executor.info.stop_token_ids), executor.info.page_size
+    per_beam = pages_needed(len(prefix) + max_tokens, page_size)
+    beams, finished, margin = [(0.0, [], 0)], [], float("inf")  # (score, tokens, slot of its pages)
+    with allocated(executor, 2 * width * per_beam) as pool:
+        slots = [pool[i * per_beam:(i + 1) * per_beam] for i in range(2 * width)]
+        for step in range(max_tokens):
+            requests = []
+            for _, tokens, slot in beams:
+                sequence = prefix + tokens
+                start = 0 if step == 0 else len(sequence) - 1  # the prefix at once, then one token a step
+                pages = slots[slot][:pages_needed(len(sequence), page_size)]
+                requests.append(logprobs_request(executor, sequence[start:], pages, start,
+                                                 outputs=[len(sequence) - 1 - start]))
+            rows = np.concatenate(step_logprobs(executor, requests))
+            candidates = sorted(((score + float(row[t]), tokens, slot, int(t)) for (score, tokens, slot), row
+                                 in zip(beams, rows) for t in np.argsort(-row, kind="stable")[:width]),
+                                key=lambda c: -c[0])
+            if len(candidates) > width:
+                margin = min(margin, candidates[width - 1][0] - candidates[width][0])
+            free = [i for i in range(2 * width) if i not in {slot for _, _, slot in beams}]
+            grown = []
+            for score, tokens, slot, t in candidates[:width]:
+                if t in stops:
+                    finished.append((score, tokens))
+                    continue
+                child = free.pop()
+                executor.write_pages(slots[child], executor.read_pages(slots[slot]))
+                grown.append((score, tokens + [t], child))
+            beams = grown
+            best_finished = max((s for s, _ in finished), default=-np.inf)
+            if not beams or best_finished >= max(s for s, _, _ in beams):
+                break  # scores only fall: no open beam can beat the best finished one
+    ranked = sorted(finished + [(s, tokens) for s, tokens, _ in beams], key=lambda c: -c[0])
+    if len(ranked) > 1:
+        margin = min(margin, ranked[0][0] - ranked[1][0])
+    return ranked[0][1], margin
+
+
+def test_fork_speculative_and_beam_search_agree_with_greedy(runner, ex32):
+    question, n = "Why is the sky blue?", 12  # greedy: "The answer to this question lies in ..." (no stop within n)
+    outcome, [msg] = run_probe(runner, "fork", question, n)
     assert outcome.ok, outcome.error
     assert msg["shared"] >= 1  # the forks share the prompt's full pages
     assert msg["a"] == msg["b"] == msg["speculative"] == msg["beam1"]
-    assert msg["rounds"] <= 12 and msg["accepted"] >= 0
-    _, [plain] = run_probe(runner, "generate", question, 13)
+    assert msg["rounds"] + msg["accepted"] == n, msg  # each round yields its accepted guesses and one token more
+    _, [plain] = run_probe(runner, "generate", question, n + 1)
     assert msg["first"] + msg["a"] == plain["text"]  # forking changed nothing
-    assert "Paris" in msg["beam3"]
+
+    tok = ex32.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
+    [first] = tok.encode(msg["first"])  # the greedy first token, checked against plain greedy text above
+    best, margin = reference_beam_search(ex32, prompt + [first], 3, n)
+    assert margin > TIE_NATS, f"a near tie ({margin:.2g} nats) in the reference: its best beam is not decided"
+    assert msg["beam3"] == tok.decode(best), (msg["beam3"], tok.decode(best))
+    assert msg["beam3"] != msg["a"]  # on this question the best of three beams is not the greedy text
 
 
 def test_export_import_between_inferlets(runner, ex32):
@@ -399,9 +455,13 @@ EXAMPLES = EXAMPLE.parent
 
 
 def test_example_inferlets(runner, ex32):
-    beam = runner.run(EXAMPLES / "beam_search.py", ["--prompt", "What is the capital of France?"])
+    question = "What is the capital of France?"
+    beam = runner.run(EXAMPLES / "beam_search.py", ["--prompt", question, "--beams", "3", "--max-tokens", "24"])
     assert beam.ok, beam.error
-    assert "Paris" in beam.messages[0]
+    prompt = ex32.tokenizer.encode(ex32.tokenizer.apply_chat_template([{"role": "user", "content": question}]))
+    best, margin = reference_beam_search(ex32, prompt, 3, 24)
+    assert margin > TIE_NATS, f"a near tie ({margin:.2g} nats) in the reference: its best beam is not decided"
+    assert beam.messages[0] == ex32.tokenizer.decode(best) and "Paris" in beam.messages[0], beam.messages
     answer = runner.run(EXAMPLES / "json_answer.py")
     assert answer.ok, answer.error
     doc = json.loads(answer.messages[0])
