@@ -4,6 +4,7 @@ decode loop on the same executor; streaming, n, logprobs, JSON schemas, stop str
 auth, a client that goes away, and the prefix cache across the turns of a conversation."""
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -15,9 +16,10 @@ import requests
 
 from cluster.api.grpc_client import PieClient
 from cluster.api.grpc_server import InferletService, serve_service
-from cluster.api.openai_http import MAX_BODY_BYTES, serve_openai
+from cluster.api.openai_http import MAX_BODY_BYTES, OpenAIFrontend, serve_openai
 from cluster.api.program_store import ProgramStore
-from cluster.runtime.inferlet_host import InferletHost
+from cluster.runtime.inferlet_host import InferletHost, Outcome
+from cluster.runtime.sandbox import Limits
 from helpers import CHAT_QUESTION, settled
 from workers.decode_loop import generate
 
@@ -253,3 +255,38 @@ def test_past_max_running_a_request_gets_429(_executor_fp32, tmp_path):
         finally:
             http.stop()
         settled(host)
+
+
+def test_a_stream_whose_client_stops_reading_suspends_its_inferlet_at_the_outbox_bound(_executor_fp32, tmp_path,
+                                                                                         monkeypatch):
+    """The OpenAI path bounds a request's unread events as the gRPC one does: while the HTTP side
+    reads nothing, the inferlet's sends stop at the bound (they ran to the end into an unbounded
+    queue before); once it reads again every event arrives."""
+    bound = 4
+    with InferletHost(_executor_fp32, limits=Limits(max_outbox_messages=bound)) as host:
+        frontend = OpenAIFrontend(InferletService(host, ProgramStore(tmp_path)))
+        puts, start = [], frontend.start
+
+        def counting_start(job, authorization, sink):
+            put = sink.put
+            sink.put = lambda item: (puts.append(item), put(item))[1]
+            return start(job, authorization, sink)
+        monkeypatch.setattr(frontend, "start", counting_start)
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        job = frontend.job(json.dumps(body).encode(), chat=False)
+
+        async def read_pause_read():
+            events = frontend.events(job, None)
+            first = await events.__anext__()
+            last, deadline = -1, time.monotonic() + 60
+            while len(puts) != last and time.monotonic() < deadline:  # until the puts stop
+                last = len(puts)
+                await asyncio.sleep(1.0)
+            return first, last, [e async for e in events]
+
+        first, stalled, rest = asyncio.run(read_pause_read())
+        settled(host)
+    assert stalled <= bound + 2, f"{stalled} events were put while nobody read (bound {bound})"
+    assert isinstance(rest[-1], Outcome) and rest[-1].ok, rest[-1]
+    assert len(puts) == len(rest) + 1 > 3 * bound  # every event arrived, far more than the bound

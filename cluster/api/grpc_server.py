@@ -188,9 +188,13 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
         return self.host.launch(component, list(request.arguments), on_message=on_message, on_end=on_end,
                                 cache_scope=cache_scope(request), keep_messages=False)
 
-    def Launch(self, request: pie_pb2.LaunchRequest, context) -> Iterator[pie_pb2.Event]:
+    def outbox_bounds(self) -> tuple[int, int]:
+        """(messages, bytes) a client's unread events may reach before the inferlet's send waits."""
         limits = getattr(self.host, "limits", None) or Limits()
-        events = Outbox(limits.max_outbox_messages, limits.max_outbox_bytes)  # send waits while the client lags
+        return limits.max_outbox_messages, limits.max_outbox_bytes
+
+    def Launch(self, request: pie_pb2.LaunchRequest, context) -> Iterator[pie_pb2.Event]:
+        events = Outbox(*self.outbox_bounds())  # send waits while the client lags
         try:
             running = self._start(self._component(request.program_id), request, events)
         except InferletError as e:

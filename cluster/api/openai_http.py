@@ -28,6 +28,7 @@ from cluster.api.openai_requests import ApiError, Job, parse
 from cluster.errors import InferletError
 from cluster.runtime.inferlet_build import INFERLETS_DIR, build
 from cluster.runtime.inferlet_host import Outcome
+from cluster.runtime.outbox import Outbox
 
 log = logging.getLogger("pie.openai")
 
@@ -46,18 +47,30 @@ def tenant_of(authorization: str | None) -> str:
     return hashlib.sha256(authorization.encode()).hexdigest()[:32]
 
 
-class _Sink:
-    """Takes the service's events on any thread and hands them to the request's event loop."""
+class _Sink(Outbox):
+    """One request's events, put on any thread and read on the request's event loop; bounded as a
+    gRPC client's are (the service's outbox bounds): past them the inferlet's `send` waits until the
+    HTTP client has taken enough, so a client that reads slowly or not at all grows nothing."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, bounds: tuple[int, int]):
+        super().__init__(*bounds, on_item=self._wake)
         self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self._ready = asyncio.Event()
 
-    def put(self, item) -> None:
+    def _wake(self) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._ready.set)
         except RuntimeError:
             pass  # the server's loop has closed (it is stopping): nobody reads this request any more
+
+    async def next(self):
+        """The next event, waiting on the loop (not on a thread) for one."""
+        while True:
+            self._ready.clear()  # before looking: an item put after the look sets it again
+            try:
+                return self.get(timeout=0)
+            except TimeoutError:
+                await self._ready.wait()
 
 
 class OpenAIFrontend:
@@ -106,7 +119,7 @@ class OpenAIFrontend:
     async def events(self, job: Job, authorization: str | None):
         """The inferlet's events for `job` as parsed JSON objects, ending with its Outcome; the
         inferlet is stopped if the caller stops iterating (a client that went away)."""
-        sink = _Sink(asyncio.get_running_loop())
+        sink = _Sink(asyncio.get_running_loop(), self.service.outbox_bounds())
         # off the event loop: a cluster gateway's launch waits for a host (and uploads the program once)
         launch = asyncio.ensure_future(asyncio.to_thread(self.start, job, authorization, sink))
         try:
@@ -118,7 +131,7 @@ class OpenAIFrontend:
         ended = False
         try:
             while True:
-                item = await sink.queue.get()
+                item = await sink.next()
                 if isinstance(item, Outcome):
                     ended = True
                     yield item

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import collections
 import threading
+from typing import Callable
 
 from cluster.pending import Pending
 
 
 class Outbox:
-    def __init__(self, max_messages: int, max_bytes: int):
+    def __init__(self, max_messages: int, max_bytes: int, on_item: Callable[[], None] | None = None):
+        """`on_item`: called (under the box's lock: it must not block) when an item becomes
+        readable, for a reader that waits elsewhere than in get() (an event loop)."""
         self.max_messages, self.max_bytes = max_messages, max_bytes
+        self._on_item = on_item
         self._items: collections.deque = collections.deque()  # (message, size), then (the end, 0)
         self._bytes = self._count = 0  # of the messages in _items
         self._blocked: collections.deque = collections.deque()  # (message, size, Pending) past the bound
@@ -34,7 +38,7 @@ class Outbox:
                 self._items.append((message, size))
                 self._bytes += size
                 self._count += 1
-                self._cond.notify()
+                self._notify()
                 return Pending.ready(None)
             waiting = Pending()
             self._blocked.append((message, size, waiting))
@@ -55,8 +59,13 @@ class Outbox:
                 self._bytes += size
                 self._count += 1
                 admitted.append(waiting)
-        self._cond.notify()
+        self._notify()
         return admitted
+
+    def _notify(self) -> None:
+        self._cond.notify()
+        if self._on_item is not None:
+            self._on_item()
 
     def get(self, timeout: float | None = None):
         """The next item, waiting for one; raises TimeoutError after `timeout` seconds."""
