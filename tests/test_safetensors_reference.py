@@ -96,7 +96,7 @@ def test_bf16_error_no_worse_than_transformers_bf16(tiny):
 UNUSUAL = {
     "llama-attention-bias": dict(model_type="llama", attention_bias=True),  # q/k/v *and* o_proj biases
     "llama-mlp-bias": dict(model_type="llama", mlp_bias=True),  # gate/up/down biases
-    "mistral-sliding-window": dict(model_type="mistral", sliding_window=4),  # attend to the last 4 only
+    "mistral-sliding-window": dict(model_type="mistral", sliding_window=8),  # attend to the last 8 only
 }
 
 
@@ -111,3 +111,25 @@ def test_unusual_config_is_reproduced_or_refused(case, tmp_path):
     ids = Tokenizer(loaded.tokenizer).encode(TINY_TEXT)[:ex.info.max_position]
     # tolerance: 1e-4 max abs log-prob difference, as for the supported architectures
     assert max_abs_diff(prefill_logprobs(ex, ids), hf_logprobs(hf, ids)) < 1e-4
+
+
+def test_a_sliding_window_caps_the_context_where_the_window_starts_to_matter(tmp_path):
+    """Attention here is never windowed: a sliding-window model is reproduced over its whole window,
+    and refused, naming the window, one position past it, where transformers starts to differ."""
+    window = 8
+    hf = build_tiny_model(str(tmp_path / "windowed"), model_type="mistral", sliding_window=window)
+    full = build_tiny_model(str(tmp_path / "full"), model_type="mistral", sliding_window=None)  # same weights
+    loaded = workers.load_model(str(tmp_path / "windowed"), progress=lambda *a: None)
+    assert (loaded.config.max_position, loaded.config.sliding_window) == (window, window)
+    ex = workers.TorchExecutor(loaded, dtype="fp32", page_size=PAGE_SIZE, num_pages=16)
+    ids = Tokenizer(loaded.tokenizer).encode(TINY_TEXT)
+    assert len(ids) > window
+    # tolerance: 1e-4 max abs log-prob difference, as for the supported architectures, at every position
+    # the window allows
+    assert max_abs_diff(prefill_logprobs(ex, ids[:window]), hf_logprobs(hf, ids[:window])) < 1e-4
+    past = ids[:window + 1]  # one token more: the last one no longer sees the first
+    assert max_abs_diff(hf_logprobs(hf, past)[window], hf_logprobs(full, past)[window]) > 1e-2
+    with allocated(ex, pages_needed(len(past), PAGE_SIZE)) as pages:
+        with pytest.raises(workers.InvalidRequestError, match=f"position {window} is beyond the model's context "
+                                                              f"\\[0, {window}\\): .*sliding window of {window}"):
+            step_logprobs(ex, [logprobs_request(ex, past, pages)])

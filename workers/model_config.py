@@ -35,6 +35,9 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
     rope_scaling: dict[str, Any] | None = None  # Llama-3 style "llama3" scaling, or None
     name: str = ""
+    # the sliding-window attention span that capped max_position (None: it did not): attention is never
+    # windowed here, so a sequence may not grow past the window, where the window would start to matter
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -79,10 +82,11 @@ class ModelConfig:
         heads = d["num_attention_heads"]
         max_position = int(d.get("max_position_embeddings", 4096))
         window = d.get("sliding_window")
-        if window and (model_type == "mistral" or d.get("use_sliding_window")):
+        capped_by_window = None
+        if window and (model_type == "mistral" or d.get("use_sliding_window")) and int(window) < max_position:
             # full attention equals sliding-window attention while a sequence fits the window;
             # we do not mask by window, so sequences may not grow past it
-            max_position = min(max_position, int(window))
+            max_position = capped_by_window = int(window)
         rope_theta = d.get("rope_theta")
         rope_scaling = d.get("rope_scaling")
         rope_params = d.get("rope_parameters")  # transformers >= 5 nests rope settings here
@@ -109,6 +113,7 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             rope_scaling=rope_scaling if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3" else None,
             name=name,
+            sliding_window=capped_by_window,
         )
 
     def to_json(self) -> str:

@@ -15,6 +15,7 @@ class StepLimits:
     page_size: int  # slots per page
     vocab_size: int
     max_position: int  # positions are in [0, max_position)
+    sliding_window: int | None = None  # the model's window, when it is what caps max_position
 
 
 def _check_indptr(name: str, indptr: np.ndarray, total: int, num_requests: int) -> None:
@@ -116,7 +117,10 @@ def _check_one(tokens: list[int], positions: list[int], pages: list[int], last: 
         raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})", index)
     if min(positions) < 0 or max(positions) >= limits.max_position:
         bad = next(p for p in positions if not 0 <= p < limits.max_position)
-        raise InvalidRequestError(f"position {bad} is beyond the model's context [0, {limits.max_position})", index)
+        why = (f": the model attends within a sliding window of {limits.sliding_window} tokens, which this "
+               f"executor does not implement, so a sequence may not grow past it" if limits.sliding_window else "")
+        raise InvalidRequestError(f"position {bad} is beyond the model's context [0, {limits.max_position}){why}",
+                                  index)
     return kv_len
 
 

@@ -42,7 +42,7 @@ class TorchExecutor(Executor):
             name=config.name, architecture=config.architecture, vocab_size=config.vocab_size,
             page_size=page_size, num_pages=num_pages, max_position=config.max_position,
             stop_token_ids=model.tokenizer.stop_token_ids, dtype=dtype, device=str(self._device))
-        self._limits = StepLimits(num_pages, page_size, config.vocab_size, config.max_position)
+        self._limits = StepLimits(num_pages, page_size, config.vocab_size, config.max_position, config.sliding_window)
 
     @classmethod
     def load(cls, model: str | None = None, progress: ProgressFn | None = None, **kwargs) -> TorchExecutor:
