@@ -19,11 +19,11 @@ import grpc
 import pytest
 import wasmtime
 
-from cluster.api.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started
+from cluster.api.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started, Uploaded
 from cluster.api.grpc_server import serve
 from cluster.runtime.inferlet_build import build
 from cluster.runtime.inferlet_host import InferletHost
-from cluster.api.program_store import program_id_of
+from cluster.api.program_store import ProgramStore, program_id_of
 from helpers import http_reply, http_server, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,15 +92,43 @@ def no_pages_leak(_executor_fp32):
     _executor_fp32.check_idle_invariant()
 
 
-def test_an_upload_is_named_by_its_digest_and_a_second_one_is_cheap(client, wasm, programs):
+def recording_uploads(client, monkeypatch) -> list:
+    """The UploadChunks `client` sends from now on (each Upload call's chunks as gRPC takes them)."""
+    sent, upload = [], client._stub.Upload
+
+    def record(chunks):
+        for chunk in chunks:
+            sent.append(chunk)
+            yield chunk
+    monkeypatch.setattr(client._stub, "Upload", lambda chunks, **kw: upload(record(chunks), **kw))
+    return sent
+
+
+def test_an_upload_is_named_by_its_digest_and_a_second_one_sends_only_the_digest(client, wasm, programs,
+                                                                                 monkeypatch):
     data = wasm["echo"]
     assert programs["echo"] == program_id_of(data)
-    t0 = time.perf_counter()
-    assert client.upload(data) == programs["echo"]
-    again_s = time.perf_counter() - t0
-    assert client.upload(data, sha256="") == programs["echo"]  # no declared digest: all bytes sent, same id
-    print(f"\nre-upload of a {len(data) >> 20} MiB component already held: {again_s * 1e3:.1f} ms")
-    assert again_s < 2.0
+    sent = recording_uploads(client, monkeypatch)
+    assert client.upload_program(data) == Uploaded(programs["echo"], len(data), already_present=True)
+    assert [(c.sha256, c.total_size, len(c.data)) for c in sent] == [(programs["echo"], len(data), 0)], \
+        "a second upload sent more than the digest"
+    sent.clear()
+    # no declared digest: all bytes sent, same id, and the server says it held them
+    assert client.upload_program(data, sha256="") == Uploaded(programs["echo"], len(data), already_present=True)
+    assert sum(len(c.data) for c in sent) == len(data)
+
+
+def test_a_first_upload_asks_with_the_digest_then_sends_the_bytes(host, wasm, tmp_path, monkeypatch):
+    fresh = serve(host, port=0, store=ProgramStore(tmp_path))
+    try:
+        with PieClient(fresh.target) as client:
+            sent = recording_uploads(client, monkeypatch)
+            data = wasm["echo"]
+            assert client.upload_program(data) == Uploaded(program_id_of(data), len(data), already_present=False)
+            assert len(sent[0].data) == 0 and sent[0].sha256 == program_id_of(data)  # the question: held?
+            assert sum(len(c.data) for c in sent[1:]) == len(data)  # no: then the bytes, once
+    finally:
+        fresh.stop()
 
 
 def test_many_inferlets_at_once(client, programs):

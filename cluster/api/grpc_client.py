@@ -70,6 +70,17 @@ Event = Started | Message | Finished | Failed
 
 
 @dataclass(frozen=True)
+class Uploaded:
+    program_id: str  # the component's sha256 hex digest
+    size: int  # bytes
+    already_present: bool  # the server held these bytes before this upload
+
+
+def _uploaded(ref: pie_pb2.ProgramRef) -> Uploaded:
+    return Uploaded(ref.program_id, ref.size, ref.already_present)
+
+
+@dataclass(frozen=True)
 class InferletInfo:
     instance_id: str
     program_id: str
@@ -165,10 +176,25 @@ class PieClient:
 
     def upload(self, program: bytes | bytearray | str | os.PathLike, sha256: str | None = None,
                chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> str:
-        """Upload a component (its bytes, or a .wasm path); return its program id. Declares the digest
-        first, so a server that already holds the bytes answers without reading them."""
+        """Upload a component (its bytes, or a .wasm path); return its program id (upload_program
+        also says whether the server held it already)."""
+        return self.upload_program(program, sha256, chunk_bytes).program_id
+
+    def upload_program(self, program: bytes | bytearray | str | os.PathLike, sha256: str | None = None,
+                       chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> Uploaded:
+        """Upload a component (its bytes, or a .wasm path). With a digest (its sha256, computed unless
+        `sha256` is ""), a first call sends the digest and size alone: a server that holds those bytes
+        answers already_present and nothing more is sent; one that does not (NOT_FOUND) gets the
+        bytes in a second call. Without a digest the bytes go at once."""
         data = bytes(program) if isinstance(program, (bytes, bytearray)) else Path(program).read_bytes()
         digest = hashlib.sha256(data).hexdigest() if sha256 is None else sha256
+        if digest and data:
+            try:
+                return _uploaded(self._unary("Upload", iter([pie_pb2.UploadChunk(sha256=digest, total_size=len(data))]),
+                                             UPLOAD_TIMEOUT_S))
+            except RequestFailed as e:
+                if e.code != grpc.StatusCode.NOT_FOUND:
+                    raise
 
         def chunks() -> Iterator[pie_pb2.UploadChunk]:
             view = memoryview(data)
@@ -176,7 +202,7 @@ class PieClient:
             for start in range(chunk_bytes, len(data), chunk_bytes):
                 yield pie_pb2.UploadChunk(data=bytes(view[start:start + chunk_bytes]))
 
-        return self._unary("Upload", chunks(), UPLOAD_TIMEOUT_S).program_id
+        return _uploaded(self._unary("Upload", chunks(), UPLOAD_TIMEOUT_S))
 
     def launch(self, program_id: str, arguments: list[str] | tuple[str, ...] = (), prompt_hint: str = "",
                tenant: str = "") -> LaunchStream:

@@ -113,11 +113,11 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
 
     def Upload(self, request_iterator: Iterator[pie_pb2.UploadChunk], context) -> pie_pb2.ProgramRef:
         try:
-            parts, size, declared = [], 0, ""
+            parts, size, declared, total_size = [], 0, "", 0
             for i, chunk in enumerate(request_iterator):
                 if i == 0:
-                    declared = chunk.sha256.lower()
-                    self.store.check_size(chunk.total_size)
+                    declared, total_size = chunk.sha256.lower(), chunk.total_size
+                    self.store.check_size(total_size)
                     if declared and self.store.has(declared):  # the same bytes again: no need to read them
                         self._component(declared)
                         return pie_pb2.ProgramRef(program_id=declared, already_present=True,
@@ -125,6 +125,8 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                 size += len(chunk.data)
                 self.store.check_size(size)  # before holding more of an oversized upload
                 parts.append(chunk.data)
+            if declared and size == 0 and total_size > 0:  # the digest alone, to ask whether it is held
+                raise UnknownProgram(f"this server does not hold {declared}: send the component's bytes")
             stored = self._store(b"".join(parts), declared)
             return pie_pb2.ProgramRef(program_id=stored.program_id, size=stored.size,
                                       already_present=stored.already_present)
