@@ -133,7 +133,7 @@ class ClusterHost:
                 return remote
         target = self.directory.target(worker_id)
         remote = RemoteWorker(target, on_broken=lambda reason: self._lost(worker_id, target, reason),
-                              token=self.internal_token)
+                              token=self.internal_token, name=worker_id)
         with self._lock:
             self._connections[worker_id] = remote
         return remote

@@ -32,15 +32,17 @@ class WorkerUnavailable(InferletError):
 
 class RemoteWorker:
     def __init__(self, target: str, timeout_s: float = 60.0, on_broken: Callable[[str], None] | None = None,
-                 token: str | None = None):
+                 token: str | None = None, name: str = ""):
         """Connects to the worker at `target` and asks it for its model. `on_broken(reason)` runs
-        once, on the reader thread, when the connection is lost. `token`: the worker's, if it has one."""
+        once, on the reader thread, when the connection is lost. `token`: the worker's, if it has one.
+        `name`: its id in the cluster, which errors name beside the address."""
         self.target = target
         self._holder: int | None = None  # the thread whose passes wait for flush()
         self._held: list[bytes] = []
         self._held_since = 0.0  # perf_counter() of the oldest held pass
         self._conn = CallClient(target, lambda channel: worker_pb2_grpc.WorkerStub(channel).Calls, WorkerUnavailable,
-                                f"the worker at {target}", timeout_s, on_broken, token)
+                                f"the worker {name} at {target}" if name else f"the worker at {target}", timeout_s,
+                                on_broken, token)
         described = self.wait(self._call("describe", ""))
         info = dict(described["info"])
         info["stop_token_ids"] = tuple(info["stop_token_ids"])
