@@ -85,6 +85,7 @@ class RelayedInferlet:
         self.instance_id = instance_id
         self._client, self._stream = client, stream
         self._finished = threading.Event()
+        self.stop_reason: str | None = None  # why stop() was called, if it was
 
     @property
     def done(self) -> bool:
@@ -99,6 +100,7 @@ class RelayedInferlet:
     def stop(self, reason: str = "its client stopped it") -> None:
         if self.done:
             return
+        self.stop_reason = reason
         try:
             self._client.terminate(self.instance_id)
         except RequestFailed:

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import grpc
 from wasmtime import component as wc
 
+from cluster import metrics
 from cluster.errors import (DirectoryUnavailable, HostBusy, InferletError, InvalidComponentError, NoLiveWorker,
                             ProgramTooLarge, UnknownInferlet, UnknownProgram)
 from cluster.rpc.grpc_auth import BearerTokenAuth
@@ -40,6 +41,7 @@ DEFAULT_MAX_RUNNING = 224  # inferlets running at once through one server
 UNARY_THREADS = 32  # server threads beyond one per running inferlet: uploads, sends, lists, refusals
 ENDED_REMEMBERED = 4096  # ended instance ids kept, so a late Send says "ended" rather than "unknown"
 KEEPALIVE_MS = 30_000  # ping an idle connection this often, so a vanished client is noticed
+RECENT_FAILURES = 20  # failed inferlets the status page lists
 
 # the runtime's errors -> status codes; a subclass is listed before its base
 _STATUS_OF = (
@@ -70,6 +72,20 @@ def _refuse(context: grpc.ServicerContext, error: InferletError):
     context.abort(status_of(error), str(error))  # raises
 
 
+class TokenLatency:
+    """TTFT and inter-token latency of one request, one message (or text chunk) at a time."""
+
+    def __init__(self, api: str):
+        self.start = self.last = time.monotonic()
+        self.first = True
+        self.ttft, self.itl = metrics.TTFT_SECONDS.labels(api), metrics.ITL_SECONDS.labels(api)
+
+    def message(self) -> None:
+        now = time.monotonic()
+        (self.ttft if self.first else self.itl).observe(now - self.last)
+        self.first, self.last = False, now
+
+
 def cache_scope(request: pie_pb2.LaunchRequest) -> str:
     """Whose prefix-cache pages a launch may reuse: the same program's, under the same tenant."""
     return f"{request.program_id}/{request.tenant}"
@@ -80,6 +96,23 @@ class _Live:
     running: RunningInferlet
     program_id: str  # what it runs
     started: float  # time.monotonic() at launch
+    api: str  # "grpc" or "openai"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An inferlet that ended with an error, for the status page (its cause's last line only)."""
+
+    instance_id: str
+    program_id: str
+    ended: float  # time.time()
+    cause: str
+
+
+def _ended_cause(outcome: Outcome, live: "_Live | None") -> str:
+    if outcome.ok:
+        return "finished"
+    return "stopped" if live is not None and getattr(live.running, "stop_reason", None) else "failed"
 
 
 class InferletService(pie_pb2_grpc.InferletsServicer):
@@ -93,6 +126,7 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._starting = 0  # launches under way, not yet in _live
         self._lock = threading.Lock()
+        self.failures: collections.deque[Failure] = collections.deque(maxlen=RECENT_FAILURES)
 
     # -- programs --------------------------------------------------------------------------------
     def _compile(self, path: Path) -> wc.Component:
@@ -156,15 +190,22 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
         its messages and then its Outcome put on `events` (anything with put()); refusals raise."""
         request = pie_pb2.LaunchRequest(program_id=program_id, arguments=arguments, prompt_hint=prompt_hint,
                                         tenant=tenant)
-        return self._start(self._component(program_id), request, events)
+        return self._start(self._component(program_id), request, events, api="openai")
 
-    def _start(self, component: wc.Component, request: pie_pb2.LaunchRequest, events) -> RunningInferlet:
+    def _start(self, component: wc.Component, request: pie_pb2.LaunchRequest, events,
+               api: str = "grpc") -> RunningInferlet:
         def ended(outcome: Outcome) -> None:  # on the scheduler thread (or a relay's)
             with self._lock:
-                self._live.pop(outcome.instance_id, None)
+                live = self._live.pop(outcome.instance_id, None)
                 self._ended[outcome.instance_id] = None
                 while len(self._ended) > ENDED_REMEMBERED:
                     self._ended.popitem(last=False)
+            cause = _ended_cause(outcome, live)
+            metrics.INFERLETS_RUNNING.dec()
+            metrics.INFERLETS_ENDED.labels(cause).inc()
+            if cause == "failed":
+                last_line = outcome.error.strip().splitlines()[-1] if outcome.error.strip() else "(no message)"
+                self.failures.append(Failure(outcome.instance_id, request.program_id, time.time(), last_line[:300]))
             events.put(outcome)
 
         with self._lock:
@@ -172,17 +213,28 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                 raise HostBusy(f"this server already runs {len(self._live) + self._starting} inferlets, its "
                                f"limit; retry when some have ended")
             self._starting += 1
+        t0 = time.monotonic()
+        metrics.INFERLETS_RUNNING.inc()  # before it can end
         try:  # outside the lock: a cluster gateway's launch waits for a host
             running = self._launch(component, request, events.put, ended)
         except BaseException:
+            metrics.INFERLETS_RUNNING.dec()
             with self._lock:
                 self._starting -= 1
             raise
+        metrics.INFERLETS_LAUNCHED.labels(api).inc()
+        metrics.LAUNCH_SECONDS.observe(time.monotonic() - t0)
         with self._lock:  # one step from starting to live, so no other launch slips past the limit between
             self._starting -= 1
             if running.instance_id not in self._ended:  # it may have ended already
-                self._live[running.instance_id] = _Live(running, request.program_id, time.monotonic())
+                self._live[running.instance_id] = _Live(running, request.program_id, t0, api)
         return running
+
+    def live(self) -> list[tuple[str, str, float, str]]:
+        """(instance id, program id, seconds running, api) of each running inferlet."""
+        now = time.monotonic()
+        with self._lock:
+            return [(iid, x.program_id, now - x.started, x.api) for iid, x in self._live.items()]
 
     def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest,
                 on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RunningInferlet:
@@ -196,6 +248,7 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
         return limits.max_outbox_messages, limits.max_outbox_bytes
 
     def Launch(self, request: pie_pb2.LaunchRequest, context) -> Iterator[pie_pb2.Event]:
+        latency = TokenLatency("grpc")
         events = Outbox(*self.outbox_bounds())  # send waits while the client lags
         try:
             running = self._start(self._component(request.program_id), request, events)
@@ -212,6 +265,7 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                 else:
                     yield pie_pb2.Event(failed=pie_pb2.Failed(error=item.error))
                 return
+            latency.message()
             yield pie_pb2.Event(message=pie_pb2.Message(text=item))
 
     def _find(self, instance_id: str) -> _Live:

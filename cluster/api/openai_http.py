@@ -22,7 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.api.grpc_server import InferletService, status_of
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from cluster import metrics
+from cluster.api import status
+from cluster.api.grpc_server import InferletService, TokenLatency, status_of
 from cluster.api.openai_events import ChoiceStreams, InferletFailure, completion_object
 from cluster.api.openai_requests import ApiError, Job, parse
 from cluster.errors import InferletError
@@ -84,6 +88,7 @@ class OpenAIFrontend:
         wasm = program if program.suffix == ".wasm" else build(program)  # built once, cached by content
         self.program_id = service.add_program(wasm.read_bytes())
         self.created = int(time.time())
+        status.watch(service)
 
     # -- the routes ------------------------------------------------------------------------------
     def models(self) -> dict:
@@ -153,9 +158,12 @@ class OpenAIFrontend:
     async def stream(self, job: Job, authorization: str | None):
         """Server-sent events: `data: {chunk}` lines, then `data: [DONE]`."""
         streams = ChoiceStreams(job)
+        latency = TokenLatency("openai")
         try:
             async for event in self.events(job, authorization):
                 for chunk in streams.take(event, self.model):
+                    if any(c.get("text") or c.get("delta", {}).get("content") for c in chunk["choices"]):
+                        latency.message()
                     yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
             if job.include_usage:
                 yield f"data: {json.dumps(streams.usage_chunk(self.model), separators=(',', ':'))}\n\n"
@@ -175,10 +183,13 @@ async def respond(frontend: OpenAIFrontend, request):
         path = path[len(root):]
     authorization = request.headers.get("authorization")
     try:
+        if request.method == "GET" and path.rstrip("/") in _STATUS_ROUTES:
+            return _status_route(frontend, path.rstrip("/"), authorization)
         route = _ROUTES.get((request.method, path.rstrip("/")))
         if route is None:
             raise ApiError(404, f"no route {request.method} {path}; this server serves GET /v1/models, "
-                                f"POST /v1/completions and POST /v1/chat/completions")
+                                f"POST /v1/completions, POST /v1/chat/completions, GET /metrics, GET /status.json "
+                                f"and its status page at GET /")
         frontend.check_auth(authorization)
         if route == "models":
             return JSONResponse(frontend.models())
@@ -201,6 +212,21 @@ async def respond(frontend: OpenAIFrontend, request):
 
 _ROUTES = {("GET", "/v1/models"): "models", ("POST", "/v1/completions"): "completion",
            ("POST", "/v1/chat/completions"): "chat"}
+_STATUS_ROUTES = ("", "/metrics", "/status.json")
+STATUS_PAGE = Path(__file__).with_name("status_page.html")
+
+
+def _status_route(frontend: OpenAIFrontend, path: str, authorization: str | None):
+    """The status page (no data of its own: it fetches /status.json with ?token=), the status and
+    Prometheus's metrics (both behind the token, as the API is)."""
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+
+    if path == "":
+        return HTMLResponse(STATUS_PAGE.read_text())
+    frontend.check_auth(authorization)
+    if path == "/metrics":
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return JSONResponse(status.status(frontend.service, frontend.created))
 
 
 def build_app(frontend: OpenAIFrontend):

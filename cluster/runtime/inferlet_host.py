@@ -61,6 +61,7 @@ class RunningInferlet:
                  outcome: Outcome, finished: threading.Event):
         self.instance_id = instance_id
         self.outcome = outcome
+        self.stop_reason: str | None = None  # why stop() was called, if it was
         self._host, self._session, self._task, self._finished = host, session, task, finished
 
     @property
@@ -74,6 +75,7 @@ class RunningInferlet:
 
     def stop(self, reason: str = "its client stopped it") -> None:
         if not self.done:
+            self.stop_reason = reason
             self._host.scheduler.kill(self._task, reason)
 
     def wait(self, timeout: float | None = None) -> Outcome:

@@ -37,6 +37,7 @@ from wasmtime.component import Component, Instance, Linker, LinkerInstance
 from wasmtime.component._func import Func
 from wasmtime.component._types import FuncType
 
+from cluster import metrics
 from cluster.runtime import wasm_lists, wasm_type_cache
 from cluster.pending import Pending
 
@@ -65,6 +66,7 @@ class _Import:
     def __init__(self, name: str, fn: Callable):
         self.name = name
         self.fn = fn
+        self.calls = metrics.HANDLER_CALLS.labels(name)
         self.param_types = None
         self.result_type = None
 
@@ -140,6 +142,7 @@ def _start(env, context, fty_raw, args, nargs, results, nresults, error_ret, con
     continuation[0].env = call_id
     continuation[0].finalizer = _forget_in_flight
     import_stats.calls += 1
+    imp.calls.inc()
     import_stats.seconds += time.perf_counter() - t0
 
 
@@ -161,6 +164,7 @@ def _call_sync(env, context, fty_raw, args, nargs, results, nresults):
         return ctypes.cast(_trap(imp, e), ctypes.c_void_p).value
     finally:
         import_stats.calls += 1
+        imp.calls.inc()
         import_stats.seconds += time.perf_counter() - t0
     return 0
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from cluster import metrics
 from cluster.errors import HttpDenied, HttpFailed
 from cluster.pending import Pending
 
@@ -129,7 +130,8 @@ class HttpClient:
             with self._lock:
                 self._num_unfinished -= 1
             raise HttpDenied("the HTTP client is closed: the host is shutting down") from None
-        future.add_done_callback(lambda f: self._on_finished(f, pending, host))
+        started = time.perf_counter()
+        future.add_done_callback(lambda f: self._on_finished(f, pending, host, started))
         return pending
 
     def close(self) -> None:
@@ -245,10 +247,13 @@ class HttpClient:
                 response.close()
             conn.close()
 
-    def _on_finished(self, future: concurrent.futures.Future, pending: Pending, host: str) -> None:
+    def _on_finished(self, future: concurrent.futures.Future, pending: Pending, host: str, started: float) -> None:
         """Free the request's slot first, so a callback that sends the next request finds room."""
         with self._lock:
             self._num_unfinished -= 1
+        metrics.HTTP_SECONDS.observe(time.perf_counter() - started)
+        metrics.HTTP_CALLS.labels("cancelled" if future.cancelled() else "failed" if future.exception() else
+                                  "answered").inc()
         if future.cancelled():
             pending.fail(HttpFailed(f"the request to {host} was cancelled: the host is shutting down"))
             return

@@ -25,6 +25,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from cluster import metrics
 from cluster.errors import MessagingError
 from cluster.pending import Pending
 from cluster.services.timers import TimerHandle, Timers
@@ -141,6 +142,7 @@ class MessageBus:
                 else:
                     self._buffer(sub, message, size)
             received = len(subs) - (sender_id in subs)
+        metrics.BUS_PUBLISHED.inc()
         self._finish(handed, message)
         return received
 
@@ -186,6 +188,7 @@ class MessageBus:
                 q.items.append((message, size))
                 q.num_bytes += size
                 self._total_queue_bytes += size
+        metrics.BUS_PUSHED.inc()
         if waiter is not None:
             self._finish([waiter], message)
 

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from cluster import metrics
 from cluster.pending import Pending
 from cluster.worker.prefill_chunks import chunk, written_pages
 from workers.executor import Executor
@@ -64,6 +65,16 @@ class BatchPolicy:
             raise ValueError(f"unknown batching policy {self.kind!r}; choose one of {', '.join(POLICIES)}")
         if self.k < 1 or self.t_ms < 0 or self.max_batch_tokens < 1 or self.gather_ms < 0:
             raise ValueError("batching policy needs k >= 1, t_ms >= 0, max_batch_tokens >= 1 and gather_ms >= 0")
+
+
+def _count_step(requests, exec_s: float, queued: int) -> None:
+    """The step's metrics: its time, its passes, its tokens by phase (one-token passes decode)."""
+    decode = sum(len(r.token_ids) == 1 for r in requests)
+    metrics.STEP_SECONDS.observe(exec_s)
+    metrics.STEP_PASSES.observe(len(requests))
+    metrics.TOKENS_DECODE.inc(decode)
+    metrics.TOKENS_PREFILL.inc(sum(len(r.token_ids) for r in requests) - decode)
+    metrics.QUEUE_PASSES.set(queued)
 
 
 @dataclass
@@ -289,6 +300,7 @@ class Batcher:
         ended = time.perf_counter()
         exec_s = ended - started
         self.steps.append(StepRecord(len(batch), sum(len(r.token_ids) for r in requests), started, exec_s))
+        _count_step(requests, exec_s, len(self._passes))
         if self.policy.kind == "adaptive" and self.policy.gather_ms > 0:
             answered = sum(c is None or q.remaining == 0 for q, c in parts)
             with self._cond:  # before the callers hear back: their next passes are counted

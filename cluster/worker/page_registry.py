@@ -20,6 +20,7 @@ import collections
 import threading
 from dataclasses import dataclass
 
+from cluster import metrics
 from cluster.errors import InferletError
 from cluster.worker.prefix_cache import PrefixCache
 from workers.executor import Executor
@@ -168,7 +169,9 @@ class PageRegistry:
             for p in pages:
                 self._refs[p] += 1
                 held[p] += 1
-            return pages
+        metrics.PREFIX_HITS.inc(len(pages))
+        metrics.PREFIX_MISSES.inc(len(hashes) - len(pages))
+        return pages
 
     def cache_store(self, holder: str, hashes: list[bytes], pages: list[int]) -> int:
         """Offer the holder's full pages under their hashes (in order: page i holds block i);
@@ -195,6 +198,11 @@ class PageRegistry:
                 taken += 1
         self._give_back(released)
         return taken
+
+    def num_exported(self) -> int:
+        """Pages some export names (an export's pages may also be held by inferlets)."""
+        with self._lock:
+            return len({p for e in self._exports.values() for p in e.pages})
 
     def num_cached(self) -> int:
         with self._lock:
