@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test fuzz bench loadtest soak chaos proto clean
+.PHONY: setup run test browser fuzz bench loadtest soak chaos proto clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,8 +28,16 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/pie run --dtype fp32 inferlets/examples/text_completion.py -- --prompt "$(PROMPT)"
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests
+
+# Debian's chromium for the status page's browser test (tests/test_status.py skips, saying why, without it)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && { \
+		echo "[setup] installing Debian's chromium for the status page's browser test ..."; \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 \
+		&& apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } \
+		|| echo "[setup] no chromium (installing it needs root and apt): the status page's browser test will be skipped"; }
 
 # property-based and guest-side fuzzing at length (the suite runs a bounded number of examples)
 fuzz: setup
@@ -51,10 +59,12 @@ loadtest: setup
 
 SOAK_ARGS ?=
 soak: setup
+	$(PIP) "matplotlib>=3.8"
 	$(PY) loadtests/soak.py --duration 10m --out-dir soak-out --png soak-out/soak.png $(SOAK_ARGS)
 
 CHAOS_ARGS ?=
 chaos: setup
+	$(PIP) "matplotlib>=3.8"
 	$(PY) loadtests/chaos.py --duration 6m --out-dir chaos-out --png chaos-out/chaos.png $(CHAOS_ARGS)
 
 # regenerate the committed gRPC code of cluster/proto (tests check it is current)

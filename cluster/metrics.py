@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
+disable_created_metrics()  # a `_created` series beside every counter and histogram: noise on a status board
 REGISTRY = CollectorRegistry(auto_describe=True)
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds: steps, tokens, calls
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # passes in a step
@@ -71,3 +74,25 @@ def unregister_collector(collector) -> None:
 def exposition() -> bytes:
     """This process's metrics in Prometheus's text format."""
     return generate_latest(REGISTRY)
+
+
+class _Families:
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def merged(sources: list[tuple[str, str]]) -> bytes:
+    """Several processes' expositions as one: each series gains the label actor=<its process>, and
+    the series of one metric from every process come under one family (cluster mode's /metrics)."""
+    families: dict[str, Metric] = {}
+    for actor, text in sources:
+        for family in text_string_to_metric_families(text):
+            mine = families.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                           family.unit))
+            mine.samples += [s._replace(labels={**s.labels, "actor": actor}) for s in family.samples]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)

@@ -214,6 +214,38 @@ def test_the_openai_api_through_the_gateway(cluster, client):
     settled(cluster)  # every page back once the cache lets go of its own
 
 
+def test_metrics_and_status_gather_every_actor_onto_the_gateways_port(cluster, client, programs):
+    """/metrics in cluster mode: the gateway's own series and each worker's and host's, labelled by
+    actor (gathered from the actors by the gateway); /status.json: both workers, with their steps."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cluster.api.openai_http import serve_openai
+
+    _, _, last = collect(client.launch(programs[TEXT], ["--prompt", "Hi", "--max-tokens", "4"]))
+    assert isinstance(last, Finished)
+    http = serve_openai(cluster.gateway_service(), port=0)
+    try:
+        base = http.url.removesuffix("/v1")
+        text = requests.get(f"{base}/metrics", timeout=30).text
+        status = requests.get(f"{base}/status.json", timeout=30).json()
+    finally:
+        http.stop()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    kv = {(s.labels["actor"], s.labels["state"]): s.value for s in families["pie_kv_pages"].samples}
+    assert kv[("worker-0", "total")] == kv[("worker-1", "total")] == NUM_PAGES
+    actors = {s.labels["actor"] for f in families.values() for s in f.samples}
+    assert actors == {"gateway", "worker-0", "worker-1", "host-0", "host-1"}, actors
+    steps = {s.labels["actor"]: s.value for s in families["pie_step_seconds"].samples if s.name.endswith("_count")}
+    assert steps["worker-0"] + steps["worker-1"] > 0 and "gateway" not in {a for a, n in steps.items() if n}
+    hosts_launched = sum(s.value for s in families["pie_inferlets_launched"].samples
+                         if s.labels["actor"].startswith("host-"))
+    assert hosts_launched >= 1  # the launch above ran on a host actor
+    assert {w["id"] for w in status["workers"]} == {"worker-0", "worker-1"}
+    assert all(w["live"] and w["pages"]["total"] == NUM_PAGES for w in status["workers"])
+    assert any(w["steps"] for w in status["workers"])
+
+
 def test_health_sums_both_workers(client):
     health = client.health()
     assert health.total_pages == 2 * NUM_PAGES and health.model.startswith("SmolLM2")

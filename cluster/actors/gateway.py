@@ -18,6 +18,7 @@ from typing import Callable
 import grpc
 from wasmtime import component as wc
 
+from cluster import metrics
 from cluster.errors import InferletError
 from cluster.api.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started
 from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, InferletService
@@ -27,6 +28,7 @@ from cluster.proto import pie_pb2
 from cluster.runtime.sandbox import Sandbox
 
 log = logging.getLogger("pie.gateway")
+GATHER_TIMEOUT_S = 5.0  # how long /metrics and the status page wait for the actors' answers
 
 _HOST_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 ANSWER_TIMEOUT_S = 2.0  # a host that fails a call is taken for dead only if it does not answer a List in this
@@ -126,6 +128,35 @@ class GatewayService(InferletService):
         self.directory = directory
         self.sandbox = sandbox or Sandbox()
         super().__init__(host=self, store=store, max_running=max_running)
+
+    # -- what /metrics and the status page gather from the actors -----------------------------------
+    def _gather(self, method: str, workers_only: bool = False) -> dict[str, object]:
+        """Each live actor's answer to `method` by its name (worker-i, host-i), waiting at most
+        GATHER_TIMEOUT_S for all; an actor that is down or restarting is left out."""
+        import ray
+
+        cluster = getattr(self, "cluster", None)  # set by Cluster.gateway_service
+        if cluster is None:
+            return {}
+        actors = [(f"worker-{i}", w) for i, w in enumerate(cluster.workers)]
+        actors += [] if workers_only else [(f"host-{i}", h) for i, h in enumerate(cluster.hosts)]
+        refs = {getattr(actor, method).remote(): name for name, actor in actors}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=GATHER_TIMEOUT_S)
+        answers = {}
+        for ref in ready:
+            try:
+                answers[refs[ref]] = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log.info("left %s out of the gathered %s: %s", refs[ref], method, e)
+        return answers
+
+    def metrics_sources(self) -> list[tuple[str, str]]:
+        """(process, its exposition): the gateway's own, then every live worker's and host's."""
+        return [("gateway", metrics.exposition().decode()), *sorted(self._gather("metrics_text").items())]
+
+    def worker_steps(self) -> dict[str, list]:
+        """Each live worker's last steps, by worker id (the status page's charts)."""
+        return self._gather("recent_steps", workers_only=True)
 
     # -- launching on a host ---------------------------------------------------------------------
     def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest,

@@ -55,6 +55,12 @@ class HostActor:
         """(host id, target of its client API)."""
         return self.host.host_id, self.server.target
 
+    def metrics_text(self) -> str:
+        """This process's Prometheus metrics (the gateway gathers them onto its /metrics)."""
+        from cluster import metrics
+
+        return metrics.exposition().decode()
+
     def pid(self) -> int:
         import os
 

@@ -16,7 +16,9 @@ import logging
 import os
 import threading
 
+from cluster import metrics
 from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, DirectoryHandle
+from cluster.api import status
 from cluster.worker.batcher import BatchPolicy
 from cluster.errors import UnknownWorker
 from cluster.worker.local_worker import LocalWorker
@@ -54,6 +56,7 @@ class WorkerActor:
             log.error("worker %s cannot load its model: %s", worker_id, e)
             return
         self.worker = LocalWorker(executor, policy)
+        status.watch_worker(worker_id, self.worker)  # its KV pages on its metrics
         self.directory = DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE))
         self.server = WorkerServer(self.worker, address=address or ray.util.get_node_ip_address(),
                                    token=self.directory.internal_token())  # only the cluster's hosts
@@ -121,3 +124,11 @@ class WorkerActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def metrics_text(self) -> str:
+        """This process's Prometheus metrics (the gateway gathers them onto its /metrics)."""
+        return metrics.exposition().decode()
+
+    def recent_steps(self) -> list[list]:
+        """The last steps for the status page: [seconds ago, passes, tokens, ms]."""
+        return status.recent_steps(self._serving())

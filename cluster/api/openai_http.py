@@ -24,7 +24,6 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from cluster import metrics
 from cluster.api import status
 from cluster.api.grpc_server import InferletService, TokenLatency, status_of
 from cluster.api.openai_events import ChoiceStreams, InferletFailure, completion_object
@@ -225,7 +224,7 @@ def _status_route(frontend: OpenAIFrontend, path: str, authorization: str | None
         return HTMLResponse(STATUS_PAGE.read_text())
     frontend.check_auth(authorization)
     if path == "/metrics":
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        return Response(status.metrics_text(frontend.service), media_type=CONTENT_TYPE_LATEST)
     return JSONResponse(status.status(frontend.service, frontend.created))
 
 

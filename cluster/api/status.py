@@ -24,24 +24,39 @@ def _local_worker(service):
     return worker if hasattr(worker, "batcher") else None
 
 
+def _pages_view(worker_id: str, worker) -> dict:
+    pages = {"total": worker.info.num_pages, "free": worker.num_free_pages, "cached": worker.pages.num_cached(),
+             "exported": worker.pages.num_exported()}
+    return {"id": worker_id, "pages": pages}
+
+
+def recent_steps(worker) -> list[list]:
+    """A LocalWorker's last steps: [seconds ago, passes, tokens, ms in the executor]."""
+    now = time.perf_counter()
+    return [[round(now - s.started, 3), s.num_passes, s.num_tokens, round(s.exec_s * 1e3, 2)]
+            for s in list(worker.batcher.steps)[-STATUS_STEPS:]]
+
+
 def worker_views(service) -> list[dict]:
     """Each worker: its id, KV pages (total, free, cached, exported) and its last steps as
     [seconds ago, passes, tokens, ms] (embedded mode only)."""
     worker = _local_worker(service)
     if worker is not None:
-        now = time.perf_counter()
-        steps = list(worker.batcher.steps)[-STATUS_STEPS:]
-        pages = {"total": worker.info.num_pages, "free": worker.num_free_pages, "cached": worker.pages.num_cached(),
-                 "exported": worker.pages.num_exported()}
-        return [{"id": "worker-0", "live": True, "pages": pages, "running": len(service.live()),
-                 "steps": [[round(now - s.started, 3), s.num_passes, s.num_tokens, round(s.exec_s * 1e3, 2)]
-                           for s in steps]}]
+        return [{**_pages_view("worker-0", worker), "live": True, "running": len(service.live()),
+                 "steps": recent_steps(worker)}]
     directory = getattr(service, "directory", None)
     if directory is None:
         return []
-    return [{"id": w.worker_id, "live": w.live, "running": w.running, "steps": [],
+    steps = getattr(service, "worker_steps", lambda: {})()
+    return [{"id": w.worker_id, "live": w.live, "running": w.running, "steps": steps.get(w.worker_id, []),
              "pages": {"total": w.num_pages, "free": w.free_pages, "cached": w.cached_pages, "exported": None}}
             for w in directory.workers()]
+
+
+def metrics_text(service) -> bytes:
+    """/metrics: this process's, or in cluster mode the gateway's and every actor's, each labelled."""
+    sources = getattr(service, "metrics_sources", None)
+    return metrics.exposition() if sources is None else metrics.merged(sources())
 
 
 def _sample(name: str, **labels) -> float:
@@ -72,24 +87,26 @@ def status(service, started: float) -> dict:
 
 class _KvPages:
     """pie_kv_pages{worker, state}: total, free, cached (held only by the prefix cache), exported
-    (named by an export) and held (by inferlets or exports), read from the watched services at each
-    scrape. One per process: a process serves one service (tests start several, all listed)."""
+    (named by an export) and held (by inferlets or exports), read at each scrape from the embedded
+    services and worker actors of this process (one, but tests start several: all are listed)."""
 
     def __init__(self):
         self.services: weakref.WeakSet = weakref.WeakSet()
+        self.workers: dict[str, object] = {}  # a worker actor's id -> its LocalWorker
 
     def describe(self):
         return []  # series appear with the workers; nothing to check at registration
 
     def collect(self):
         family = GaugeMetricFamily("pie_kv_pages", "KV pages of each worker, by state", labels=["worker", "state"])
-        for service in list(self.services):
-            for w in worker_views(service):
-                pages = w["pages"]
-                held = pages["total"] - pages["free"] - (pages["cached"] or 0)
-                for state, value in (*pages.items(), ("held", held)):
-                    if value is not None:
-                        family.add_metric([w["id"], state], value)
+        views = [w for service in list(self.services) for w in worker_views(service)]
+        views += [_pages_view(worker_id, worker) for worker_id, worker in list(self.workers.items())]
+        for w in views:
+            pages = w["pages"]
+            held = pages["total"] - pages["free"] - (pages["cached"] or 0)
+            for state, value in (*pages.items(), ("held", held)):
+                if value is not None:
+                    family.add_metric([w["id"], state], value)
         yield family
 
 
@@ -97,6 +114,14 @@ _kv_pages = _KvPages()
 
 
 def watch(service) -> None:
-    """Report the service's KV pages on /metrics (until it is garbage)."""
-    _kv_pages.services.add(service)
+    """Report the embedded service's KV pages on /metrics (until it is garbage). A cluster gateway's
+    workers report their own, gathered with the rest of their metrics."""
+    if _local_worker(service) is not None:
+        _kv_pages.services.add(service)
+        metrics.register_collector(_kv_pages)
+
+
+def watch_worker(worker_id: str, worker) -> None:
+    """Report a worker actor's KV pages on its process's metrics."""
+    _kv_pages.workers[worker_id] = worker
     metrics.register_collector(_kv_pages)

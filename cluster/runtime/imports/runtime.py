@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from cluster.runtime.imports._common import raw, sync, timeout_s, waiting
+from cluster.runtime.imports._common import raw, timeout_s, waiting
 from cluster.pending import Pending
 from cluster.runtime.session import InferletSession
 from cluster.runtime.wit_values import Refused
