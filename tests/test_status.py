@@ -144,3 +144,21 @@ def test_the_status_page_renders_a_running_inferlet_and_a_workers_chart_in_a_bro
     assert instance in html, html[-3000:]  # the running inferlet's row, filled in from /status.json
     assert 'class="worker worker-worker-0"' in html and "<canvas" in html  # its worker and the step chart
     assert "KV pages" in html and '<span class="error">' not in html  # the fetch worked
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_server_exports():
+    """deploy/grafana-dashboard.json: every pie_* name in its queries is one of ours (a counter's
+    _total, a histogram's _bucket / _sum / _count, a gauge as it is, or the KV-page gauges)."""
+    import json
+    import re
+
+    from cluster import metrics
+
+    exported = {"pie_kv_pages"}
+    for family in metrics.REGISTRY.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        exported |= {family.name + s for s in suffixes}
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    named = {name for q in queries for name in re.findall(r"\bpie_[a-z_]+", q)}
+    assert len(dashboard["panels"]) >= 12 and named and named <= exported, sorted(named - exported)
