@@ -238,3 +238,17 @@ def http_server(handler_class, **attributes):
         yield server
     finally:
         server.shutdown()
+
+
+# --- the client API --------------------------------------------------------------------------------
+
+def recording_uploads(client, monkeypatch) -> list:
+    """The UploadChunks a PieClient sends from now on (each Upload call's chunks as gRPC takes them)."""
+    sent, upload = [], client._stub.Upload
+
+    def record(chunks):
+        for chunk in chunks:
+            sent.append(chunk)
+            yield chunk
+    monkeypatch.setattr(client._stub, "Upload", lambda chunks, **kw: upload(record(chunks), **kw))
+    return sent

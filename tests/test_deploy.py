@@ -23,7 +23,7 @@ from cluster.actors.cluster import init_local_ray  # noqa: E402
 from cluster.api.grpc_client import Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
 from cluster.runtime.inferlet_build import build  # noqa: E402
 from deploy.app import APP_NAME, SERVICER, AppArgs, app_builder  # noqa: E402
-from helpers import wait_until  # noqa: E402
+from helpers import recording_uploads, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "deploy" / "config.yaml"
@@ -142,8 +142,11 @@ def test_with_one_application_serve_routes_calls_without_metadata(gateway):
         assert bare.health().total_pages == NUM_PAGES
 
 
-def test_upload_again_is_already_present(client, program_path, program):
-    assert client.upload(program_path()) == program
+def test_upload_again_is_already_present(client, program_path, program, monkeypatch):
+    sent = recording_uploads(client, monkeypatch)
+    again = client.upload_program(program_path())
+    assert (again.program_id, again.already_present) == (program, True)
+    assert [len(c.data) for c in sent] == [0], "through Serve, a second upload sent more than the digest"
 
 
 def test_errors_reach_the_client_as_status_codes(client, program):

@@ -24,7 +24,7 @@ from cluster.api.grpc_server import serve
 from cluster.runtime.inferlet_build import build
 from cluster.runtime.inferlet_host import InferletHost
 from cluster.api.program_store import ProgramStore, program_id_of
-from helpers import http_reply, http_server, wait_until
+from helpers import http_reply, http_server, recording_uploads, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "inferlets" / "examples" / "text_completion.py"
@@ -90,18 +90,6 @@ def no_pages_leak(_executor_fp32):
     yield
     wait_until(lambda: _executor_fp32.num_free_pages == free, 60, "all KV pages back on the free list")
     _executor_fp32.check_idle_invariant()
-
-
-def recording_uploads(client, monkeypatch) -> list:
-    """The UploadChunks `client` sends from now on (each Upload call's chunks as gRPC takes them)."""
-    sent, upload = [], client._stub.Upload
-
-    def record(chunks):
-        for chunk in chunks:
-            sent.append(chunk)
-            yield chunk
-    monkeypatch.setattr(client._stub, "Upload", lambda chunks, **kw: upload(record(chunks), **kw))
-    return sent
 
 
 def test_an_upload_is_named_by_its_digest_and_a_second_one_sends_only_the_digest(client, wasm, programs,
