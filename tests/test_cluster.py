@@ -125,30 +125,6 @@ def test_many_inferlets_spread_over_both_workers_and_hosts(cluster, client, prog
     settled(cluster)
 
 
-def test_bench_cluster_measures_both_modes(cluster, smollm2, tmp_path, capsys, monkeypatch):
-    """python -m cluster.bench.cluster at its smallest. Its cluster mode joins this module's actors (same
-    names) instead of starting a Ray of its own, and its embedded mode runs on the session's model."""
-    from cluster.actors import cluster as actors_cluster
-    from cluster.bench import cluster as bench_cluster
-    from workers.torch_executor import TorchExecutor
-
-    monkeypatch.setattr(actors_cluster, "init_local_ray", lambda **options: None)
-    monkeypatch.setattr(ray, "shutdown", lambda: None)  # the module's Ray outlives the benchmark's stop
-    monkeypatch.setattr(TorchExecutor, "load", classmethod(lambda cls, model=None, progress=None, **kw:
-                                                           cls(smollm2, num_pages=NUM_PAGES, **kw)))
-    path = tmp_path / "cluster.json"
-    assert bench_cluster.main(["--concurrency", "1", "--tokens", "4", "--repeats", "1", "--workers", "2",
-                               "--dtype", "fp32", "--json", str(path)]) == 0
-    rows = json.loads(path.read_text())["rows"]
-    assert sorted(rows) == ["cluster c=1", "embedded c=1", "ratio c=1"]
-    for name in ("cluster c=1", "embedded c=1"):
-        assert all(rows[name][k] > 0 for k in ("ttft_ms", "tpot_ms", "passes_per_step", "exec_ms")), (name, rows)
-    assert rows["ratio c=1"]["ttft_ms"] > 0 and rows["ratio c=1"]["tpot_ms"] > 0
-    out = capsys.readouterr().out
-    assert all(line in out for line in ("embedded c=1", "cluster c=1", "cluster/embedded c=1")), out
-    settled(cluster)
-
-
 def test_a_guest_trap_in_a_host_actor_fails_that_inferlet_only(cluster, client, programs):
     """wasmtime reports a trap through signal handlers; the host actor's process (where Ray installed its
     own crash handlers first) must survive it and serve the next inferlet."""
@@ -373,6 +349,31 @@ def test_a_worker_that_cannot_load_its_model_says_why_and_is_not_restarted(clust
         assert "worker-bad" not in [w.worker_id for w in cluster.directory.workers()]
     finally:
         ray.kill(bad, no_restart=True)
+
+
+def test_bench_cluster_measures_both_modes(cluster, smollm2, tmp_path, capsys, monkeypatch):
+    """python -m cluster.bench.cluster at its smallest. Its cluster mode joins this module's actors (same
+    names) instead of starting a Ray of its own, and its embedded mode runs on the session's model. It
+    runs after the metrics test: the embedded mode's steps count in this process, the gateway's."""
+    from cluster.actors import cluster as actors_cluster
+    from cluster.bench import cluster as bench_cluster
+    from workers.torch_executor import TorchExecutor
+
+    monkeypatch.setattr(actors_cluster, "init_local_ray", lambda **options: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)  # the module's Ray outlives the benchmark's stop
+    monkeypatch.setattr(TorchExecutor, "load", classmethod(lambda cls, model=None, progress=None, **kw:
+                                                           cls(smollm2, num_pages=NUM_PAGES, **kw)))
+    path = tmp_path / "cluster.json"
+    assert bench_cluster.main(["--concurrency", "1", "--tokens", "4", "--repeats", "1", "--workers", "2",
+                               "--dtype", "fp32", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert sorted(rows) == ["cluster c=1", "embedded c=1", "ratio c=1"]
+    for name in ("cluster c=1", "embedded c=1"):
+        assert all(rows[name][k] > 0 for k in ("ttft_ms", "tpot_ms", "passes_per_step", "exec_ms")), (name, rows)
+    assert rows["ratio c=1"]["ttft_ms"] > 0 and rows["ratio c=1"]["tpot_ms"] > 0
+    out = capsys.readouterr().out
+    assert all(line in out for line in ("embedded c=1", "cluster c=1", "cluster/embedded c=1")), out
+    settled(cluster)
 
 
 def _long(client, programs):
