@@ -230,7 +230,7 @@ def test_metrics_and_status_gather_every_actor_onto_the_gateways_port(cluster, c
     actors = {s.labels["actor"] for f in families.values() for s in f.samples}
     assert actors == {"gateway", "worker-0", "worker-1", "host-0", "host-1"}, actors
     steps = {s.labels["actor"]: s.value for s in families["pie_step_seconds"].samples if s.name.endswith("_count")}
-    assert steps["worker-0"] + steps["worker-1"] > 0 and "gateway" not in {a for a, n in steps.items() if n}
+    assert steps["worker-0"] + steps["worker-1"] > 0  # (the gateway's are this test process's: other tests' steps)
     hosts_launched = sum(s.value for s in families["pie_inferlets_launched"].samples
                          if s.labels["actor"].startswith("host-"))
     assert hosts_launched >= 1  # the launch above ran on a host actor
@@ -353,8 +353,7 @@ def test_a_worker_that_cannot_load_its_model_says_why_and_is_not_restarted(clust
 
 def test_bench_cluster_measures_both_modes(cluster, smollm2, tmp_path, capsys, monkeypatch):
     """python -m cluster.bench.cluster at its smallest. Its cluster mode joins this module's actors (same
-    names) instead of starting a Ray of its own, and its embedded mode runs on the session's model. It
-    runs after the metrics test: the embedded mode's steps count in this process, the gateway's."""
+    names) instead of starting a Ray of its own, and its embedded mode runs on the session's model."""
     from cluster.actors import cluster as actors_cluster
     from cluster.bench import cluster as bench_cluster
     from workers.torch_executor import TorchExecutor
