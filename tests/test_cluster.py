@@ -20,7 +20,7 @@ from cluster.actors.cluster_host import ClusterHost  # noqa: E402
 from cluster.api.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
 from cluster.api.grpc_server import serve_service  # noqa: E402
 from cluster.runtime.inferlet_build import build  # noqa: E402
-from cluster.errors import DirectoryUnavailable, UnknownOwner  # noqa: E402
+from cluster.errors import DirectoryUnavailable, InferletError, UnknownOwner  # noqa: E402
 from cluster.pending import Pending  # noqa: E402
 from helpers import wait_until  # noqa: E402
 from workers.errors import ModelLoadError  # noqa: E402
@@ -237,6 +237,31 @@ def test_metrics_and_status_gather_every_actor_onto_the_gateways_port(cluster, c
     assert {w["id"] for w in status["workers"]} == {"worker-0", "worker-1"}
     assert all(w["live"] and w["pages"]["total"] == NUM_PAGES for w in status["workers"])
     assert any(w["steps"] for w in status["workers"])
+
+
+def test_a_host_that_cannot_be_found_sends_the_launch_to_another_or_refuses_naming_it(cluster):
+    """A host actor that Ray is restarting answers its address call with a Ray error (seen under make
+    chaos: the client got UNKNOWN 'Exception iterating responses'). The fault is injected here: the
+    launch goes to the other host, and with both restarting it is refused as UNAVAILABLE, naming them."""
+    from cluster.runtime.outbox import Outbox
+
+    def restarting():
+        raise RuntimeError("The actor is temporarily unavailable: IOError: The actor is restarting.")
+
+    service = cluster.gateway_service()
+    program = service.add_program(build(TEXT).read_bytes())
+    service.links[0]._locate = restarting  # the least loaded, picked first
+    events = Outbox(256, 1 << 22)
+    service.start(program, ["--prompt", "Hi", "--max-tokens", "2"], events)
+    while isinstance(item := events.get(timeout=120), str):
+        pass
+    assert item.ok, item.error  # it ran on the other host
+    service.links[1]._locate = restarting
+    service.links[1].lost(service.links[1].host_id)  # forget its connection: it must be found again
+    with pytest.raises(InferletError) as refused:
+        service.start(program, ["--prompt", "Hi", "--max-tokens", "2"], Outbox(256, 1 << 22))
+    assert "inferlet host is down or restarting" in str(refused.value)
+    assert service.links[0].running == service.links[1].running == 0
 
 
 def test_health_sums_both_workers(client):

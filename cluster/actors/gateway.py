@@ -51,7 +51,12 @@ class HostLink:
     def connected(self) -> PieClient:
         with self._lock:
             if self.client is None:
-                self.host_id, self.target = self._locate()
+                try:
+                    self.host_id, self.target = self._locate()
+                except Exception as e:  # a Ray error: the host actor is down or restarting
+                    raise RequestFailed("Launch", "an inferlet host actor", grpc.StatusCode.UNAVAILABLE,
+                                        f"the inferlet host is down or restarting ({type(e).__name__}: "
+                                        f"{str(e)[:200]}); retry shortly") from None
                 self.client = PieClient(self.target, token=self._token, timeout_s=60.0)
                 self._uploaded = set()
             return self.client
@@ -161,10 +166,12 @@ class GatewayService(InferletService):
     # -- launching on a host ---------------------------------------------------------------------
     def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest,
                 on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RelayedInferlet:
-        for attempt in range(2):  # a host found dead is reported, and the launch tried once more
+        tried: list[HostLink] = []
+        for attempt in range(2):  # a host found dead is reported, and the launch tried once more, elsewhere
             with self._lock:  # counted from here, so concurrent launches spread over the hosts
-                link = min(self.links, key=lambda x: x.running)
+                link = min([x for x in self.links if x not in tried] or self.links, key=lambda x: x.running)
                 link.running += 1
+            tried.append(link)
             try:
                 return self._launch_on(link, request, on_message, on_end)
             except BaseException as e:
