@@ -74,7 +74,8 @@ class InferletsServicer:
     def Upload(self, request_iterator, context):
         """A WebAssembly component in chunks. Same bytes, same program id (their sha256), and a second
         upload of them is cheap: when the first chunk declares a digest the server already holds, it
-        answers at once.
+        answers at once. A digest and total_size with no bytes asks whether the server holds it: NOT_FOUND
+        when it does not (then send the bytes; PieClient.upload does both).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
