@@ -101,6 +101,7 @@ def test_status_json_lists_a_running_inferlet_and_then_not(server):
     status = requests.get(f"{base}/status.json", headers=AUTH, timeout=10).json()
     [mine] = [x for x in status["inferlets"] if x["id"] == instance]
     assert mine["pages"] == 3 and mine["api"] == "grpc" and programs["echo"].startswith(mine["program"])
+    assert mine["state"] == "waiting" and mine["tokens"] == 0  # in receive(), no pass submitted
     [worker] = status["workers"]
     assert worker["id"] == "worker-0" and worker["pages"]["total"] > worker["pages"]["free"]
     assert worker["steps"] and all(len(s) == 4 for s in worker["steps"])

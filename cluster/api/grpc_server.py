@@ -236,6 +236,13 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
         with self._lock:
             return [(iid, x.program_id, now - x.started, x.api) for iid, x in self._live.items()]
 
+    def activity(self, instance_id: str) -> tuple[int | None, str | None]:
+        """(tokens submitted, state) of a running inferlet where its host is this process, else Nones."""
+        with self._lock:
+            live = self._live.get(instance_id)
+        report = getattr(live.running, "activity", None) if live is not None else None
+        return report() if report is not None else (None, None)
+
     def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest,
                 on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RunningInferlet:
         """Start the inferlet (cluster mode overrides where and how)."""

@@ -67,7 +67,8 @@ def status(service, started: float) -> dict:
     """The status page's data. `started`: time.time() when the server started."""
     worker = _local_worker(service)
     inferlets = [{"id": iid, "program": program[:12], "age_s": round(age, 1), "api": api,
-                  "pages": worker.pages.num_held(iid) if worker is not None else None}
+                  "pages": worker.pages.num_held(iid) if worker is not None else None,
+                  **dict(zip(("tokens", "state"), service.activity(iid)))}
                  for iid, program, age, api in sorted(service.live(), key=lambda x: -x[2])]
     hits, misses = _sample("pie_prefix_cache_pages_total", result="hit"), _sample("pie_prefix_cache_pages_total", result="miss")
     workers = worker_views(service)

@@ -73,6 +73,11 @@ class RunningInferlet:
         is too large, the inbox is full, or the inferlet has ended."""
         self._session.deliver(message)
 
+    def activity(self) -> tuple[int, str]:
+        """(input tokens its passes have submitted, "waiting" on a host call or "running")."""
+        pending = self._session.outstanding
+        return self._session.tokens, "waiting" if pending is not None and not pending.done else "running"
+
     def stop(self, reason: str = "its client stopped it") -> None:
         if not self.done:
             self.stop_reason = reason

@@ -40,6 +40,7 @@ class InferletSession:
         self.passes: dict[int, PassInFlight] = {}
         self.matchers: dict[int, object] = {}
         self.next_handle = 1
+        self.tokens = 0  # input tokens of the passes it submitted (the status page's count)
         # the Pending the inferlet's current async import waits on (the scheduler's wake-up signal)
         self.outstanding: Pending | None = None
         self.wake: Callable[[], None] = lambda: None  # set by the scheduler

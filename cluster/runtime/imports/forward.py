@@ -102,6 +102,7 @@ def to_request(s: InferletSession, p, page_size: int, vocab_size: int) -> Forwar
     tokens, pages = field("tokens"), field("pages")
     outputs = field("outputs")
     kv_len = check_sizes(s.limits, p, page_size, vocab_size)
+    s.tokens += len(tokens)
     mask = field("mask")
     return ForwardRequest(
         token_ids=np.asarray(tokens, dtype=np.int64),
