@@ -36,8 +36,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness import (ROOT, PieClient, Server, SetupError, build_component, duration, say, seconds, upload,
-                     wait_for_health)
+from harness import (ROOT, Check, PieClient, Server, SetupError, build_component, check_locust, duration,
+                     print_verdict, read_report, say, seconds, upload, wait_for_health)
 
 TEXT = ROOT / "inferlets" / "examples" / "text_completion.py"
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
@@ -50,12 +50,6 @@ class Kill:
     actor: str  # its Ray name
     restarted_after: float | None  # seconds until its new process answered (and, a worker, rejoined)
 
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
 
 
 def start_ray() -> str:
@@ -286,11 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                 kills.append(kill_and_wait(name, handles[name], now, opts.restart_timeout))
                 next_kill = now + opts.kill_every
             time.sleep(0.5)
-        if locust.returncode not in (0, 1):
-            raise SetupError(f"locust exited with status {locust.returncode}: see its output above")
+        check_locust(locust.returncode)
         say("the load is over; waiting for the cluster to settle ...")
         final = settle(server.address, None, handles, 120.0)
-        report = json.loads((out_dir / "report.json").read_text())
+        report = read_report(out_dir / "report.json")
         points = completions(out_dir / "locust_stats_history.csv", t0_wall)
     except SetupError as e:
         say(f"error: {e}")
@@ -306,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     checks = judge(report, kills, points, load_s, opts, final)
     say("verdict:")
-    for c in checks:
-        print(f"  {'ok  ' if c.ok else 'FAIL'} {c.name:<26} {c.detail}")
+    passed = print_verdict(checks)
     (out_dir / "chaos.json").write_text(json.dumps(
         {"kills": [asdict(k) for k in kills], "completions": points, "checks": [asdict(c) for c in checks],
          "final": final, "requests": report["requests"], "errors": report["errors"],
@@ -315,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.png:
         chart(points, kills, checks, opts.png)
     say(f"chaos.json, locust's CSV files and the server log: {out_dir}")
-    return 0 if all(c.ok for c in checks) else 1
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

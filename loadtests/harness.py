@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,3 +167,33 @@ def upload(address: str, token: str | None, wasm: Path) -> str:
         raise SetupError(f"uploading {wasm} failed: {e}") from None
     say(f"uploaded {wasm.name} as {program[:12]}... in {time.monotonic() - t0:.1f} s")
     return program
+
+
+def check_locust(rc: int) -> None:
+    """locust's exit status: 0, or 1 when some requests failed (the report says which); else it did not run."""
+    if rc not in (0, 1):
+        raise SetupError(f"locust exited with status {rc}: see its output above")
+
+
+def read_report(path: Path) -> dict:
+    """The samples JSON locust wrote on quitting (loadtests/locustfile.py, --samples-json)."""
+    if not path.exists():
+        raise SetupError(f"locust wrote no {path}: see its output above")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class Check:
+    """One line of a soak's or a chaos run's verdict."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def print_verdict(checks: list[Check]) -> bool:
+    """Print each check, aligned; whether all passed."""
+    width = max(len(c.name) for c in checks) + 1
+    for c in checks:
+        print(f"  {'ok  ' if c.ok else 'FAIL'} {c.name:<{width}} {c.detail}")
+    return all(c.ok for c in checks)

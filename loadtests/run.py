@@ -20,7 +20,6 @@ This process never imports torch or locust: the server and locust each run in th
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -30,7 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import ROOT, Server, SetupError, build_component, duration, say, upload, wait_for_health, wait_for_http
+from harness import (ROOT, Server, SetupError, build_component, check_locust, duration, read_report, say, upload,
+                     wait_for_health, wait_for_http)
 
 EXAMPLE = ROOT / "inferlets" / "examples" / "text_completion.py"
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
@@ -56,12 +56,6 @@ def run_locust(opts, address: str, wasm: Path | None, prefix: Path, report: Path
 def percentile(sorted_ms: list[float], q: float) -> float:
     """Nearest-rank percentile of sorted values."""
     return sorted_ms[max(0, math.ceil(q * len(sorted_ms)) - 1)]
-
-
-def read_report(path: Path) -> dict:
-    if not path.exists():
-        raise SetupError(f"locust wrote no {path}: see its output above")
-    return json.loads(path.read_text())
 
 
 def summarize(report: dict, csv_prefix: Path) -> int:
@@ -127,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if openai:
             wait_for_http(address, opts.token, server, opts.ready_timeout if server else 10.0)
         rc = run_locust(opts, address, wasm, prefix, out_dir / "samples.json")
-        if rc not in (0, 1):  # 1: some requests failed, which the report says
-            raise SetupError(f"locust exited with status {rc}: see its output above")
+        check_locust(rc)
         report = read_report(out_dir / "samples.json")
         failures = summarize(report, prefix)
     except SetupError as e:

@@ -33,8 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness import (ROOT, PieClient, Server, SetupError, build_component, duration, say, seconds, upload,
-                     wait_for_health, wait_for_http)
+from harness import (ROOT, Check, PieClient, Server, SetupError, build_component, check_locust, duration,
+                     print_verdict, read_report, say, seconds, upload, wait_for_health, wait_for_http)
 
 TEXT = ROOT / "inferlets" / "examples" / "text_completion.py"
 PROBE = ROOT / "tests" / "inferlets" / "api_probe.py"
@@ -92,12 +92,6 @@ class Sampler(threading.Thread):
         self._stop_event.set()
         self.join(30)
 
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
 
 
 def memory_check(samples: list[Sample], load_s: float, warmup_s: float, window_s: float,
@@ -237,13 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             upload(server.address, opts.token, path)  # compiled now, not during the run
         sampler = Sampler(server.proc.pid, server.address, opts.token, opts.sample_every)
         sampler.start()
-        rc = run_locust(opts, server, wasm, out_dir)
-        if rc not in (0, 1):
-            raise SetupError(f"locust exited with status {rc}: see its output above")
+        check_locust(run_locust(opts, server, wasm, out_dir))
         sampler.stop()
         say("the load is over; waiting for the last inferlets to end ...")
         final = settle(sampler, 120.0)
-        report = json.loads((out_dir / "report.json").read_text())
+        report = read_report(out_dir / "report.json")
     except SetupError as e:
         say(f"error: {e}")
         return 2
@@ -258,15 +250,14 @@ def main(argv: list[str] | None = None) -> int:
                            opts.max_growth),
               pages_check(final)]
     say(f"verdict ({len(sampler.samples)} samples, {sampler.missed} missed):")
-    for c in checks:
-        print(f"  {'ok  ' if c.ok else 'FAIL'} {c.name:<17} {c.detail}")
+    passed = print_verdict(checks)
     (out_dir / "samples.json").write_text(json.dumps(
         {"samples": [asdict(s) for s in sampler.samples], "checks": [asdict(c) for c in checks],
          "requests": report["requests"], "args": sys.argv[1:] if argv is None else argv}, indent=1))
     if opts.png:
         chart(sampler.samples, checks, opts, load_s, opts.png)
     say(f"samples.json, locust's CSV files and the server log: {out_dir}")
-    return 0 if all(c.ok for c in checks) else 1
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
