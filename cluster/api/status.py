@@ -59,8 +59,11 @@ def metrics_text(service) -> bytes:
     return metrics.exposition() if sources is None else metrics.merged(sources())
 
 
-def _sample(name: str, **labels) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+def _counts(*names: str) -> dict[tuple[str, str], float]:
+    """(sample name, its one label's value) -> value for the named counters, in one pass over the
+    registry (get_sample_value collects all of it for each value asked)."""
+    return {(s.name, next(iter(s.labels.values()), "")): s.value for family in metrics.REGISTRY.collect()
+            if family.name in names for s in family.samples}
 
 
 def status(service, started: float) -> dict:
@@ -70,7 +73,8 @@ def status(service, started: float) -> dict:
                   "pages": worker.pages.num_held(iid) if worker is not None else None,
                   **dict(zip(("tokens", "state"), service.activity(iid)))}
                  for iid, program, age, api in sorted(service.live(), key=lambda x: -x[2])]
-    hits, misses = _sample("pie_prefix_cache_pages_total", result="hit"), _sample("pie_prefix_cache_pages_total", result="miss")
+    counts = _counts("pie_prefix_cache_pages", "pie_inferlets_ended")
+    hits, misses = (counts.get(("pie_prefix_cache_pages_total", r), 0.0) for r in ("hit", "miss"))
     workers = worker_views(service)
     return {
         "model": service.model_name(),
@@ -79,7 +83,7 @@ def status(service, started: float) -> dict:
         "workers": workers,
         "prefix_cache": {"pages": sum(w["pages"]["cached"] or 0 for w in workers), "hit_pages": int(hits),
                          "miss_pages": int(misses), "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None},
-        "ended": {cause: int(_sample("pie_inferlets_ended_total", cause=cause))
+        "ended": {cause: int(counts.get(("pie_inferlets_ended_total", cause), 0.0))
                   for cause in ("finished", "failed", "stopped")},
         "failures": [{"id": f.instance_id, "program": f.program_id[:12], "ended": f.ended, "cause": f.cause}
                      for f in reversed(service.failures)],
