@@ -97,6 +97,12 @@ class _GrpcUser(User):
         return self.stub.Launch(request, metadata=self.metadata, timeout=self.timeout)
 
 
+def _outcome(environment, kind: str, name: str, start: float, length: int, error: str | None) -> None:
+    """Record a request begun at perf_counter() `start`: a failure carrying `error`, or a success."""
+    record(environment, kind, name, (time.perf_counter() - start) * 1e3, length,
+           RuntimeError(error) if error else None)
+
+
 def _end(event) -> tuple[str, str]:
     """("finished", "") or ("failed", its error) for a final event; ("", "") for any other."""
     kind = event.WhichOneof("kind")
@@ -131,8 +137,7 @@ class DisconnectingUser(_GrpcUser):
             error = f"Launch: {describe(e)}"
         finally:
             call.cancel()
-        record(self.environment, "grpc", "disconnect", (time.perf_counter() - start) * 1e3, messages,
-               RuntimeError(error) if error else None)
+        _outcome(self.environment, "grpc", "disconnect", start, messages, error)
 
 
 class OpenAIDropUser(OpenAIChatUser):
@@ -162,8 +167,7 @@ class OpenAIDropUser(OpenAIChatUser):
                 response.raw.close()  # leave: close the connection with the stream unread
         except Exception as e:  # noqa: BLE001  a connection error or a timeout
             error = f"{type(e).__name__}: {e}"
-        record(self.environment, "http", "disconnect", (time.perf_counter() - start) * 1e3, chunks,
-               RuntimeError(error) if error else None)
+        _outcome(self.environment, "http", "disconnect", start, chunks, error)
 
 
 class SlowReaderUser(_GrpcUser):
@@ -194,8 +198,7 @@ class SlowReaderUser(_GrpcUser):
             error = f"Launch: {describe(e)} after {got}/{count} messages"
         finally:
             call.cancel()
-        record(self.environment, "grpc", "slow_reader", (time.perf_counter() - start) * 1e3, got,
-               RuntimeError(error) if error else None)
+        _outcome(self.environment, "grpc", "slow_reader", start, got, error)
 
 
 class HostileUser(_GrpcUser):
@@ -212,13 +215,10 @@ class HostileUser(_GrpcUser):
         opts = self.environment.parsed_options
         program_id = self.program(probe_program, opts.probe_wasm)
         start = time.perf_counter()
+        error = f"it did not end within {opts.hostile_timeout:.0f} s"
         with gevent.Timeout(opts.hostile_timeout, False):
             error = self._run(program_id, args, expected)
-            record(self.environment, "hostile", args[0], (time.perf_counter() - start) * 1e3,
-                   exception=RuntimeError(error) if error else None)
-            return
-        record(self.environment, "hostile", args[0], (time.perf_counter() - start) * 1e3,
-               exception=RuntimeError(f"it did not end within {opts.hostile_timeout:.0f} s"))
+        _outcome(self.environment, "hostile", args[0], start, 0, error)
 
     def _run(self, program_id: str, args, expected: str) -> str | None:
         """None when the program ended as `expected`; else what went wrong."""
