@@ -12,9 +12,10 @@ from cluster.runtime.inferlet_host import InferletHost, Outcome, RunningInferlet
 from workers.executor import Executor
 
 
-def load_executor(num_pages: int, torch_threads: int | None = None, dtype: str = "bf16") -> Executor:
-    """The default model on the CPU with `num_pages` KV pages, loaded on a short-lived thread
-    (workers/load_thread.py says why)."""
+def load_executor(num_pages: int, torch_threads: int | None = None, dtype: str = "bf16",
+                  quant: str = "none") -> Executor:
+    """The default model on the CPU with `num_pages` KV pages and `quant` linear weights
+    (workers.torch_executor.QUANTS), loaded on a short-lived thread (workers/load_thread.py says why)."""
     import torch
 
     from workers.load_thread import load_on_thread
@@ -22,7 +23,7 @@ def load_executor(num_pages: int, torch_threads: int | None = None, dtype: str =
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    return load_on_thread(lambda: TorchExecutor.load(None, dtype=dtype, num_pages=num_pages))
+    return load_on_thread(lambda: TorchExecutor.load(None, dtype=dtype, quant=quant, num_pages=num_pages))
 
 
 class DelegatingExecutor(Executor):

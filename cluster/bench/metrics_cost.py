@@ -1,6 +1,6 @@
 """What the step loop's Prometheus metrics cost against the step they count, in one run.
 
-    .venv/bin/python -m cluster.bench.metrics_cost [--batches 1,8,32] [--tokens 16] [--dtype fp32]
+    .venv/bin/python -m cluster.bench.metrics_cost [--batches 1,8,32] [--tokens 16] [--dtype fp32] [--quant none]
 
 For each batch size: the time of a decode step on the real model (the plain decode loop, the median
 of --tokens steps while every sequence runs) and the time of the batcher's per-step metrics (`_count_step`:
@@ -57,10 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,8,32", help="batch sizes, comma-separated (default 1,8,32)")
     ap.add_argument("--tokens", type=int, default=16, help="decode steps timed per batch size (default 16)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
+    ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                    help="the linear layers' weights: none, or int8 / int4 weight-only quantized (CPU kernels)")
     opts = ap.parse_args(argv)
     batches = [int(b) for b in opts.batches.split(",")]
-    print(f"[metrics-cost] loading the model ({opts.dtype}) ...", flush=True)
-    executor = load_executor(num_pages=max(batches) * 8 + 64, dtype=opts.dtype)
+    print(f"[metrics-cost] loading the model ({opts.dtype}, quant {opts.quant}) ...", flush=True)
+    executor = load_executor(num_pages=max(batches) * 8 + 64, dtype=opts.dtype, quant=opts.quant)
     print(f"{'batch':>6}{'step ms':>10}{'metrics us':>12}{'share':>9}")
     for batch in batches:
         ms, us = step_ms(executor, batch, opts.tokens), metrics_us(batch)

@@ -2,7 +2,7 @@
 
     python -m cluster.bench.agentic [--quick] [--workloads react,codeact,swarm,tree_of_thought,beam_search]
                                     [--tasks N] [--rounds N] [--tokens N] [--tool-ms 100] [--dtype fp32]
-                                    [--openai-url URL --openai-model NAME] [--json OUT] [--png OUT]
+                                    [--quant none] [--openai-url URL --openai-model NAME] [--json OUT] [--png OUT]
 
 Workloads (agents.py, search.py; each an inferlet under inferlets/bench/ and a client loop):
 - react: rounds of greedy tokens, each followed by a call to a local HTTP tool of fixed latency

@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tool-ms", type=float, default=100.0, help="the HTTP tool's latency (react)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
                     help="the executor's (fp32 runs ~3x faster than bf16 on CPUs without AVX-512)")
+    ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                    help="the linear layers' weights: none, or int8 / int4 weight-only quantized (CPU kernels)")
     ap.add_argument("--openai-url", default=None, help="drive this OpenAI endpoint's client loop instead of ours")
     ap.add_argument("--openai-model", default=None, help="with --openai-url: the model name it serves")
     ap.add_argument("--json", default=None)
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     chosen = [(WORKLOADS[w], sizes_for(WORKLOADS[w], opts)) for w in opts.workloads.split(",")]
     tool = start_tool(opts.tool_ms / 1e3)
     tool_url = f"http://127.0.0.1:{tool.server_address[1]}/"
-    executor = load_executor(max(pages_needed(s) for _, s in chosen) + 256, dtype=opts.dtype)
+    executor = load_executor(max(pages_needed(s) for _, s in chosen) + 256, dtype=opts.dtype, quant=opts.quant)
     policy = HttpPolicy(allowed_hosts=(f"127.0.0.1:{tool.server_address[1]}",))
     results, failures = {}, {}
     with InferletHost(executor, http_policy=policy) as host:
@@ -94,15 +96,16 @@ def main(argv=None) -> int:
             if http is not None:
                 http.stop()
     tool.shutdown()
-    print(f"\nAgentic workloads, {opts.dtype}, client loop over {url}:")
+    weights = opts.dtype if opts.quant == "none" else f"{opts.dtype}, {opts.quant}"
+    print(f"\nAgentic workloads, {weights}, client loop over {url}:")
     print(table(results))
     for name, error in failures.items():
         print(f"{name} failed: {error}")
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"dtype": opts.dtype, "client_loop_server": url,
+        Path(opts.json).write_text(json.dumps({"dtype": opts.dtype, "quant": opts.quant, "client_loop_server": url,
                                                "workloads": results, "failures": failures}, indent=1))
     if opts.png and results:
-        chart(results, opts.png, f"Inferlet vs client loop over an OpenAI API ({opts.dtype}, same host)")
+        chart(results, opts.png, f"Inferlet vs client loop over an OpenAI API ({weights}, same host)")
     return 1 if failures else 0
 
 
