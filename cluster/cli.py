@@ -1,15 +1,16 @@
 """The `pie` command line.
 
     pie build SOURCE.py [-o OUT.wasm]        build an inferlet into a component (cached by content)
-    pie run PROGRAM [--model M] [--allow-http HOST[:PORT]]... [-- ARGS...]
+    pie run PROGRAM [--model M] [--dtype bf16] [--quant none] [--allow-http HOST[:PORT]]... [-- ARGS...]
                                              run an inferlet on the embedded engine, printing what it sends
-    pie serve [--host 127.0.0.1] [--port 50051] [--model M] [--dtype bf16] [--token T] [--max-running N]
-              [--http-port P [--openai-inferlet PATH]] [--allow-http HOST[:PORT]]... [--http-concurrency N]
-              [--ray [--workers N] [--hosts N] [--ray-address ADDR] [--device cpu|cuda]]
+    pie serve [--host 127.0.0.1] [--port 50051] [--model M] [--dtype bf16] [--quant none] [--token T]
+              [--max-running N] [--http-port P [--openai-inferlet PATH]] [--allow-http HOST[:PORT]]...
+              [--http-concurrency N] [--ray [--workers N] [--hosts N] [--ray-address ADDR] [--device cpu|cuda]]
                                              serve the client gRPC API until Ctrl-C or SIGTERM
                                              (--port 0: any free port; the token may come from PIE_TOKEN);
                                              --http-port: the OpenAI-compatible HTTP API too, on --host;
                                              --allow-http: hosts inferlets may call over HTTP (none by default);
+                                             --quant int8|int4: weight-only quantized linears (CPU kernels);
                                              --ray: on Ray actors (a local Ray unless --ray-address)
     pie submit --addr HOST:PORT PROGRAM [--token T] [--metadata K=V] [--prompt-hint TEXT] [-- ARGS...]
                                              upload PROGRAM (.py, built here, or .wasm) to a server, run it,
@@ -41,7 +42,8 @@ def _run(opts) -> int:
     from workers.load_thread import load_on_thread
     from workers.torch_executor import TorchExecutor
 
-    executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype))  # see load_thread
+    # on a thread of its own: see workers/load_thread.py
+    executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype, quant=opts.quant))
     with InferletHost(executor, http_policy=_http_policy(opts)) as host:
         outcome = host.run(opts.program, opts.args, on_message=lambda m: (sys.stdout.write(m), sys.stdout.flush()))
     print()
@@ -92,7 +94,8 @@ def _embedded_service(opts, max_running: int):
     from workers.load_thread import load_on_thread
     from workers.torch_executor import TorchExecutor
 
-    executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype))  # see load_thread
+    # on a thread of its own: see workers/load_thread.py
+    executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype, quant=opts.quant))
     host = InferletHost(executor, http_policy=_http_policy(opts))
     return InferletService(host, ProgramStore(), max_running), executor.info.name, host.close
 
@@ -109,7 +112,7 @@ def _ray_service(opts, max_running: int):
     else:
         ray.init(address=opts.ray_address)
     spec = ClusterSpec(workers=opts.workers, hosts=opts.hosts, model=opts.model, dtype=opts.dtype,
-                       device=opts.device, max_running=max_running,
+                       quant=opts.quant, device=opts.device, max_running=max_running,
                        worker_resources={"num_gpus": 1} if opts.device == "cuda" else {},
                        bind_address="127.0.0.1" if local else None, http_policy=_http_policy(opts))
     try:
@@ -188,6 +191,12 @@ def _add_http_options(parser, concurrency: bool = True) -> None:
                             help="inferlets' HTTP requests running at once per host; more wait their turn (default 64)")
 
 
+def _add_quant_option(parser) -> None:
+    parser.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
+                        help="the linear layers' weights: none (as --dtype), or int8 / int4 weight-only "
+                             "quantized, run by CPU kernels compiled on first use (default: none)")
+
+
 def _metadata(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -212,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("program")
     r.add_argument("--model", default=None, help="a .gguf file, a model directory or a hub id (default: SmolLM2)")
     r.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    _add_quant_option(r)
     _add_http_options(r)
     s = sub.add_parser("serve", help="serve the client gRPC API on the embedded engine, or a Ray cluster (--ray)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
     s.add_argument("--model", default=None, help="a .gguf file, a model directory or a hub id (default: SmolLM2)")
     s.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    _add_quant_option(s)
     s.add_argument("--token", default=os.environ.get("PIE_TOKEN"),
                    help="require `authorization: Bearer TOKEN` on every call (default: $PIE_TOKEN)")
     s.add_argument("--max-running", type=_positive_int, default=None, help="inferlets running at once (default: 224)")

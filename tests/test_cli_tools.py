@@ -1,9 +1,13 @@
-"""The two command-line tools of workers/: the streaming generator (`make run`) and the benchmark."""
+"""The command-line tools: workers/' streaming generator (`make run`) and benchmark, `pie run` and
+`pie build`, and what `--quant` reaches in `pie` and the benchmarks under cluster/bench/."""
+import importlib
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from workers import bench, generate
+from workers.errors import ModelLoadError
 
 
 def test_generate_streams_the_answer(capsys, smollm2):
@@ -42,6 +46,74 @@ def test_pie_run_prints_what_the_inferlet_sends(capsys, smollm2):
     assert cli.main(["run", example, "--dtype", "fp32", "--", "--prompt", "What is the capital of France?",
                      "--max-tokens", "12"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_pie_run_answers_with_int4_weights(capsys, smollm2):
+    """`pie run --quant int4` on the default question: the int4 kernels answer it as the float model does."""
+    from cluster import cli
+
+    assert cli.main(["run", "inferlets/examples/text_completion.py", "--dtype", "fp32", "--quant", "int4",
+                     "--", "--max-tokens", "12"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+@pytest.fixture
+def executor_loads(monkeypatch) -> list[dict]:
+    """TorchExecutor.load records its keyword arguments, then fails as a model that cannot be read."""
+    from workers.torch_executor import TorchExecutor
+
+    loads = []
+
+    def load(cls, model=None, progress=None, **kwargs):
+        loads.append(kwargs)
+        raise ModelLoadError("recorded, not loaded")
+    monkeypatch.setattr(TorchExecutor, "load", classmethod(load))
+    return loads
+
+
+@pytest.mark.parametrize("command", [["run", "app.py"], ["serve", "--port", "0"]])
+def test_pie_passes_quant_to_the_executor(command, executor_loads, capsys):
+    from cluster import cli
+
+    assert cli.main([*command, "--quant", "int4"]) == 2  # the recording load's ModelLoadError
+    assert cli.main(command) == 2
+    assert [load["quant"] for load in executor_loads] == ["int4", "none"]
+    assert "recorded, not loaded" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--quant", "int3"])
+    assert "invalid choice: 'int3' (choose from 'none', 'int8', 'int4')" in capsys.readouterr().err
+
+
+def test_pie_serve_ray_carries_quant_to_the_cluster_spec(monkeypatch, capsys):
+    import ray
+
+    from cluster import cli
+    from cluster.actors import cluster as actors_cluster
+
+    specs = []
+
+    def start_cluster(spec):
+        specs.append(spec)
+        raise ModelLoadError("recorded, not started")
+    monkeypatch.setattr(actors_cluster, "init_local_ray", lambda **options: None)
+    monkeypatch.setattr(actors_cluster, "start_cluster", start_cluster)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    assert cli.main(["serve", "--ray", "--port", "0", "--quant", "int8"]) == 2
+    assert [spec.quant for spec in specs] == ["int8"]
+    assert "recorded, not started" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["cluster.bench.openai", "cluster.bench.agentic.__main__",
+                                    "cluster.bench.metrics_cost"])
+def test_benchmarks_pass_quant_to_their_executor(module, executor_loads, monkeypatch):
+    """Each benchmark with --dtype takes --quant to its executor (through cluster/bench/common.py)."""
+    bench_module = importlib.import_module(module)
+    if hasattr(bench_module, "start_tool"):  # the agentic benchmark's HTTP tool, started before the model
+        monkeypatch.setattr(bench_module, "start_tool",
+                            lambda latency_s: SimpleNamespace(server_address=("127.0.0.1", 9), shutdown=lambda: None))
+    with pytest.raises(ModelLoadError, match="recorded"):
+        bench_module.main(["--dtype", "fp32", "--quant", "int8"])
+    assert [(load["dtype"], load["quant"]) for load in executor_loads] == [("fp32", "int8")]
 
 
 def test_pie_build_writes_the_component_and_reports_errors(tmp_path, capsys):

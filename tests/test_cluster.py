@@ -376,6 +376,41 @@ def test_a_worker_that_cannot_load_its_model_says_why_and_is_not_restarted(clust
         ray.kill(bad, no_restart=True)
 
 
+def test_the_specs_quant_reaches_each_worker_actors_executor(monkeypatch):
+    """start_cluster's arguments to each WorkerActor, given to the class in this process (no Ray): the
+    spec's quant reaches TorchExecutor.load. An unknown quant is refused before any actor starts."""
+    import torch
+
+    from workers.torch_executor import TorchExecutor
+
+    actors, loads = [], []
+
+    class RecordingActorClass:  # ray.remote(cls).options(...).remote(*args, **kwargs)
+        def __init__(self, cls):
+            self.cls = cls
+
+        def options(self, **options):
+            return self
+
+        def remote(self, *args, **kwargs):
+            actors.append((self.cls, args, kwargs))
+
+    def load(cls, model=None, progress=None, **kwargs):
+        loads.append(kwargs)
+        raise ModelLoadError("recorded, not loaded")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "remote", RecordingActorClass)
+    monkeypatch.setattr(TorchExecutor, "load", classmethod(load))
+    start_cluster(ClusterSpec(workers=2, quant="int8", torch_threads=torch.get_num_threads()), wait=False)
+    workers = [(args, kwargs) for cls, args, kwargs in actors if cls is WorkerActor]
+    assert len(workers) == 2
+    for args, kwargs in workers:
+        assert WorkerActor(*args, **kwargs).load_failure() == "recorded, not loaded"
+    assert [load["quant"] for load in loads] == ["int8", "int8"]
+    with pytest.raises(ValueError, match=r"ClusterSpec.quant must be one of \['none', 'int8', 'int4'\], not 'int3'"):
+        ClusterSpec(quant="int3")
+
+
 def test_bench_cluster_measures_both_modes(cluster, smollm2, tmp_path, capsys, monkeypatch):
     """python -m cluster.bench.cluster at its smallest. Its cluster mode joins this module's actors (same
     names) instead of starting a Ray of its own, and its embedded mode runs on the session's model."""

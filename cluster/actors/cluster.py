@@ -28,6 +28,7 @@ from cluster.api.grpc_server import DEFAULT_MAX_RUNNING
 from cluster.api.program_store import ProgramStore
 from cluster.services.http_client import HttpPolicy
 from workers.errors import ModelLoadError
+from workers.torch_executor import QUANTS
 
 WORKER_NAME = "pie-worker-{}"
 HOST_NAME = "pie-host-{}"
@@ -41,6 +42,7 @@ class ClusterSpec:
     hosts: int = 1  # inferlet host actors (each runs many sandboxes)
     model: str | None = None  # a .gguf file, a model directory or a hub id (default: SmolLM2)
     dtype: str = "bf16"
+    quant: str = "none"  # the linear layers' weights: none, or int8 / int4 weight-only quantized (CPU kernels)
     device: str = "cpu"  # "cuda" on GPU workers
     num_pages: int | None = None  # KV pages per worker (default: the executor's budget)
     page_size: int = 16
@@ -58,6 +60,11 @@ class ClusterSpec:
     internal_token: str | None = None
     # inferlets' outbound HTTP on every host: the allow-list ("host" or "host:port"; empty: no HTTP), the pool
     http_policy: HttpPolicy = HttpPolicy()
+
+    def __post_init__(self):
+        # checked here, before any actor starts: a worker that raised it would be restarted by Ray forever
+        if self.quant not in QUANTS:
+            raise ValueError(f"ClusterSpec.quant must be one of {list(QUANTS)}, not {self.quant!r}")
 
 
 class Cluster:
@@ -155,8 +162,9 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     workers = [ray.remote(WorkerActor).options(
         name=WORKER_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
         num_cpus=0, max_concurrency=8, runtime_env={"env_vars": threads_env}, **spec.worker_resources,
-    ).remote(f"worker-{i}", DIRECTORY_NAME, spec.model, spec.dtype, spec.num_pages, threads, spec.policy, spec.device,
-              spec.bind_address)
+    ).remote(f"worker-{i}", DIRECTORY_NAME, model=spec.model, dtype=spec.dtype, quant=spec.quant,
+              num_pages=spec.num_pages, torch_threads=threads, policy=spec.policy, device=spec.device,
+              address=spec.bind_address)
         for i in range(spec.workers)]
     hosts = [ray.remote(HostActor).options(
         name=HOST_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,

@@ -33,8 +33,10 @@ log = logging.getLogger("pie.worker")
 class WorkerActor:
     def __init__(self, worker_id: str, directory_name: str = DIRECTORY_NAME, model: str | None = None,
                  dtype: str = "bf16", num_pages: int | None = None, torch_threads: int | None = None,
-                 policy: BatchPolicy = BatchPolicy(), device: str = "cpu", address: str | None = None):
-        """`address`: where to serve handler calls (default: the node's address, for other nodes' hosts)."""
+                 policy: BatchPolicy = BatchPolicy(), device: str = "cpu", address: str | None = None,
+                 quant: str = "none"):
+        """`address`: where to serve handler calls (default: the node's address, for other nodes' hosts);
+        `quant`: the linear layers' weights (workers.torch_executor.QUANTS)."""
         import ray
         import torch
 
@@ -44,7 +46,7 @@ class WorkerActor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        options = {"dtype": dtype, "device": device, **({"num_pages": num_pages} if num_pages else {})}
+        options = {"dtype": dtype, "quant": quant, "device": device, **({"num_pages": num_pages} if num_pages else {})}
         self.worker_id = worker_id
         self.load_error: str | None = None
         try:
