@@ -102,6 +102,7 @@ def test_configs_name_the_servicer_builder_and_known_args(name):
     assert app["import_path"] == "deploy.app:app_builder" and app["name"] == APP_NAME
     spec = AppArgs.parse(app["args"]).spec()
     assert spec.worker_resources == ({"num_gpus": 1} if spec.device == "cuda" else {})
+    assert app["args"]["quant"] == spec.quant == "none"  # int8 / int4 are CPU kernels: set per deployment
     assert app["deployments"][0]["num_replicas"] == 1
 
 
@@ -112,6 +113,13 @@ def test_bad_args_are_refused_naming_the_arg():
         AppArgs.parse({"device": "gpu"})
     with pytest.raises(ValueError, match="args.workers must be a positive integer"):
         AppArgs.parse({"workers": 0})
+    with pytest.raises(ValueError, match="args.quant must be none, int8 or int4, not 'q4'"):
+        AppArgs.parse({"quant": "q4"})
+
+
+def test_the_quant_arg_reaches_the_cluster_spec():
+    assert AppArgs.parse({"quant": "int4"}).spec().quant == "int4"
+    assert AppArgs.parse({}).spec().quant == "none"
 
 
 def test_cluster_file_is_a_valid_ray_cluster_config():
