@@ -3,6 +3,8 @@ reference loaded by transformers' own GGUF reader, and its GGUF tokenizer.
 
 PIE_CACHE_DIR points at a fresh session directory before anything is imported, so the suite
 neither reads nor writes the user's weight cache (the first load converts the GGUF, ~5 s).
+The quantized CPU kernels (workers/quant) are built once per machine into a folder of their own,
+keyed by the source's hash: a session after the first finds them instead of compiling ~45 s.
 """
 import os
 import shutil
@@ -11,6 +13,7 @@ import tempfile
 
 _SESSION_CACHE = tempfile.mkdtemp(prefix="pie-test-cache-")
 os.environ["PIE_CACHE_DIR"] = _SESSION_CACHE
+os.environ.setdefault("PIE_KERNEL_CACHE", os.path.join(tempfile.gettempdir(), "pie-test-kernels"))
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from test modules
 

@@ -24,6 +24,7 @@ class ModelInfo:
     stop_token_ids: tuple[int, ...]
     dtype: str  # "bf16" or "fp32"
     device: str
+    quant: str = "none"  # weight format of the linear layers: "none", "int8" or "int4"
 
 
 class Executor(ABC):

@@ -68,7 +68,7 @@ def read_config(reader, name: str) -> ModelConfig:
     )
 
 
-def _hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str) -> str:
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
@@ -84,6 +84,14 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w2.reshape(w.shape)
 
 
+def unpermuted_rows(name: str, rows: int, config: ModelConfig) -> np.ndarray | None:
+    """For a weight stored permuted (llama's Q and K), the row order that undoes it; else None."""
+    if config.architecture != "llama" or not (".q_proj." in name or ".k_proj." in name):
+        return None
+    heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+    return _unpermute(np.arange(rows)[:, None], heads).ravel()
+
+
 def read_weights(reader, config: ModelConfig, progress: ProgressFn = no_progress) -> dict[str, torch.Tensor]:
     """Dequantize every tensor to fp32 under its Hugging Face name."""
     import gguf
@@ -92,10 +100,10 @@ def read_weights(reader, config: ModelConfig, progress: ProgressFn = no_progress
     total = len(reader.tensors)
     for i, t in enumerate(reader.tensors):
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        name = _hf_name(t.name)
-        if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
-            heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
-            w = _unpermute(w, heads)
+        name = hf_name(t.name)
+        order = unpermuted_rows(name, w.shape[0], config)
+        if order is not None:
+            w = w[order]
         weights[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # a writable copy
         progress("converting GGUF tensors", i + 1, total)
     return weights

@@ -15,6 +15,8 @@ from workers.attention import AttentionPlan, paged_attention, write_kv
 from workers.errors import ModelLoadError
 from workers.kv_cache import PagedKVCache
 from workers.linear import Linear
+from workers.quant.blocks import QuantTensor, cat_rows
+from workers.quant.linear import QuantEmbedding, QuantLinear
 from workers.model_config import ModelConfig
 from workers.rope import RotaryTable
 
@@ -22,13 +24,13 @@ from workers.rope import RotaryTable
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [hidden]
-    qkv: Linear  # [(heads + 2 * kv_heads) * head_dim, hidden], bias for Qwen2
+    qkv: Linear | QuantLinear  # [(heads + 2 * kv_heads) * head_dim, hidden], bias for Qwen2
     q_norm: torch.Tensor | None  # [head_dim] (Qwen3)
     k_norm: torch.Tensor | None  # [head_dim] (Qwen3)
-    o: Linear  # [hidden, heads * head_dim]
+    o: Linear | QuantLinear  # [hidden, heads * head_dim]
     mlp_norm: torch.Tensor  # [hidden]
-    gate_up: Linear  # [2 * intermediate, hidden]
-    down: Linear  # [hidden, intermediate]
+    gate_up: Linear | QuantLinear  # [2 * intermediate, hidden]
+    down: Linear | QuantLinear  # [hidden, intermediate]
 
 
 def _take(weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -39,17 +41,33 @@ def _take(weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 class LlamaModel:
+    """`quantized` ({HF name: QuantTensor}, see workers.quant.model_weights) replaces the float
+    weights it names: the linear layers' and the token embedding's (the LM head when tied)."""
+
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, quantized: dict[str, QuantTensor] | None = None):
         self.config = config
         self.dtype = dtype
+        self.quantized = quantized or {}
         cast = lambda t: t.to(device=device, dtype=dtype).contiguous()
-        self.embed = cast(_take(weights, "model.embed_tokens.weight"))
         tied = config.tie_word_embeddings or "lm_head.weight" not in weights
-        self.lm_head = Linear(self.embed if tied else cast(weights["lm_head.weight"]))
+        embed_name = "model.embed_tokens.weight"
+        if embed_name in self.quantized:
+            self.embed = QuantEmbedding(self.quantized[embed_name], dtype)
+        else:
+            table = cast(_take(weights, embed_name))
+            self.embed = lambda ids: F.embedding(ids, table)
+        self.lm_head = self._linear(weights, (embed_name if tied else "lm_head.weight",), None, cast, a8=False)
         self.norm = cast(_take(weights, "model.norm.weight"))
         self.layers = [self._layer(weights, i, cast) for i in range(config.num_layers)]
         self.rope = RotaryTable(config, dtype, device)
+
+    def _linear(self, w: dict[str, torch.Tensor], names: tuple[str, ...], bias: torch.Tensor | None,
+                cast, a8: bool = True) -> Linear | QuantLinear:
+        """One linear layer of these weights stacked by rows, quantized when all of them are."""
+        if all(n in self.quantized for n in names):
+            return QuantLinear(cat_rows([self.quantized[n] for n in names]), bias, a8)
+        return Linear(cast(torch.cat([_take(w, n) for n in names])), bias)
 
     @staticmethod
     def _bias(w: dict[str, torch.Tensor], names: str | tuple[str, ...], cast) -> torch.Tensor | None:
@@ -66,14 +84,14 @@ class LlamaModel:
         qkv_bias = self._bias(w, tuple(f"{attn}{x}_proj.bias" for x in "qkv"), cast) if self.config.qkv_bias else None
         return LayerWeights(
             attn_norm=cast(_take(w, p + "input_layernorm.weight")),
-            qkv=Linear(cast(torch.cat([_take(w, f"{attn}{x}_proj.weight") for x in "qkv"])), qkv_bias),
+            qkv=self._linear(w, tuple(f"{attn}{x}_proj.weight" for x in "qkv"), qkv_bias, cast),
             q_norm=cast(_take(w, attn + "q_norm.weight")) if self.config.qk_norm else None,
             k_norm=cast(_take(w, attn + "k_norm.weight")) if self.config.qk_norm else None,
-            o=Linear(cast(_take(w, attn + "o_proj.weight")), self._bias(w, attn + "o_proj.bias", cast)),
+            o=self._linear(w, (attn + "o_proj.weight",), self._bias(w, attn + "o_proj.bias", cast), cast),
             mlp_norm=cast(_take(w, p + "post_attention_layernorm.weight")),
-            gate_up=Linear(cast(torch.cat([_take(w, p + "mlp.gate_proj.weight"), _take(w, p + "mlp.up_proj.weight")])),
-                           self._bias(w, (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"), cast)),
-            down=Linear(cast(_take(w, p + "mlp.down_proj.weight")), self._bias(w, p + "mlp.down_proj.bias", cast)),
+            gate_up=self._linear(w, (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                                 self._bias(w, (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"), cast), cast),
+            down=self._linear(w, (p + "mlp.down_proj.weight",), self._bias(w, p + "mlp.down_proj.bias", cast), cast),
         )
 
     def forward(self, token_ids: torch.Tensor, position_ids: torch.Tensor, plan: AttentionPlan,
@@ -84,7 +102,7 @@ class LlamaModel:
         n_q, n_kv, d = c.num_heads, c.num_kv_heads, c.head_dim
         t = token_ids.shape[0]
         cos, sin = self.rope.lookup(position_ids)
-        x = F.embedding(token_ids, self.embed)
+        x = self.embed(token_ids)
         for i, lw in enumerate(self.layers):
             h = F.rms_norm(x, (c.hidden_size,), lw.attn_norm, eps)
             qkv = lw.qkv(h)

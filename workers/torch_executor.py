@@ -11,6 +11,7 @@ from workers.kv_cache import PagedKVCache, pages_for_budget
 from workers.llama_model import LlamaModel
 from workers.model_loader import LoadedModel, load_model
 from workers.page_allocator import PageAllocator
+from workers.quant.model_weights import quant_weights
 from workers.progress import ProgressFn
 from workers.sampling import sample_outputs
 from workers.step_types import StepBatch, StepOutput
@@ -18,20 +19,25 @@ from workers.step_validation import StepLimits, validate_batch
 from workers.tokenizer import Tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+QUANTS = ("none", "int8", "int4")  # weight formats of the linear layers: see workers/quant
 DEFAULT_KV_BUDGET = 1 << 30  # bytes of KV cache when neither num_pages nor a budget is given
 
 
 class TorchExecutor(Executor):
     def __init__(self, model: LoadedModel, dtype: str = "bf16", device: str = "cpu", page_size: int = 16,
-                 num_pages: int | None = None, kv_budget_bytes: int = DEFAULT_KV_BUDGET, seed: int = 0):
+                 num_pages: int | None = None, kv_budget_bytes: int = DEFAULT_KV_BUDGET, seed: int = 0,
+                 quant: str = "none"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if quant not in QUANTS:
+            raise ValueError(f"quant {quant!r} is not one of {list(QUANTS)}")
         if page_size < 1:
             raise ValueError(f"page_size must be positive, got {page_size}")
         self._device = torch.device(device)
         torch_dtype = DTYPES[dtype]
         config = model.config
-        self.model = LlamaModel(config, model.weights, torch_dtype, self._device)
+        self.model = LlamaModel(config, model.weights, torch_dtype, self._device,
+                                quant_weights(model, quant, self._device))
         if num_pages is None:
             num_pages = pages_for_budget(config, page_size, torch_dtype, kv_budget_bytes)
         self.kv = PagedKVCache(config, num_pages, page_size, torch_dtype, self._device)
@@ -41,7 +47,8 @@ class TorchExecutor(Executor):
         self._info = ModelInfo(
             name=config.name, architecture=config.architecture, vocab_size=config.vocab_size,
             page_size=page_size, num_pages=num_pages, max_position=config.max_position,
-            stop_token_ids=model.tokenizer.stop_token_ids, dtype=dtype, device=str(self._device))
+            stop_token_ids=model.tokenizer.stop_token_ids, dtype=dtype, device=str(self._device),
+            quant=quant)
         self._limits = StepLimits(num_pages, page_size, config.vocab_size, config.max_position, config.sliding_window)
 
     @classmethod

@@ -1,0 +1,56 @@
+"""A linear layer (and an embedding table) over a QuantTensor, with the kernels of kernels.cpp.
+
+Decode-sized calls (up to 4 rows) run the fused kernel with 8-bit activations per block of 32,
+as llama.cpp does (the LM head keeps fp32 activations: its a8 rounding flips near-tied
+first tokens, and it costs ~8% of a decode step; see docs/benchmarks.md); larger batches unpack the weights tile by tile and multiply in fp32; prefill-
+sized ones (DENSE_FROM rows and up) unpack the whole weight once and hand it to the fp32 GEMM,
+which beats a tiled kernel there. Inputs may be bf16 or fp32; the output has the input's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from workers.quant import kernels
+from workers.quant.blocks import QuantTensor
+
+DENSE_FROM = 64  # rows of x from which unpack-then-GEMM is faster (docs/benchmarks.md, issue 19)
+
+
+class QuantLinear:
+    """y = x @ W.T + bias for a quantized W [out, in]."""
+
+    def __init__(self, weight: QuantTensor, bias: torch.Tensor | None = None, a8: bool = True):
+        self.weight = weight
+        self.a8 = a8  # 8-bit activations on decode-sized calls (see the module doc)
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.float()
+        self._k = kernels.load()
+
+    def dense(self) -> torch.Tensor:
+        w = self.weight
+        return self._k.rows(w.qs, w.d, w.m, torch.arange(self.out_features))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if x2.shape[0] >= DENSE_FROM:
+            y = F.linear(x2, self.dense())
+        else:
+            w = self.weight
+            y = self._k.linear(x2, w.qs, w.d, w.m, self.a8)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class QuantEmbedding:
+    """Rows of a quantized table, unpacked on lookup, in `dtype`."""
+
+    def __init__(self, table: QuantTensor, dtype: torch.dtype):
+        self.table = table
+        self.dtype = dtype
+        self._k = kernels.load()
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        return self._k.rows(t.qs, t.d, t.m, ids.reshape(-1).long()).to(self.dtype).view(*ids.shape, -1)
