@@ -80,7 +80,7 @@ def test_model_weights_are_the_files_own_blocks(smollm2):
 
 def test_quantized_weights_are_cached_beside_the_converted_ones(smollm2):
     first = quant_weights(smollm2, "int4", torch.device("cpu"))
-    again = quant_weights(smollm2, "int4", torch.device("cpu"))  # from quant-int4-v1.safetensors
+    again = quant_weights(smollm2, "int4", torch.device("cpu"))  # from the cache entry's quant-int4-v<N>.safetensors
     assert first.keys() == again.keys()
     for name in first:
         assert torch.equal(first[name].qs, again[name].qs) and torch.equal(first[name].d, again[name].d), name

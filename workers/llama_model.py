@@ -15,6 +15,7 @@ from workers.attention import AttentionPlan, paged_attention, write_kv
 from workers.errors import ModelLoadError
 from workers.kv_cache import PagedKVCache
 from workers.linear import Linear
+from workers.quant import kernels
 from workers.quant.blocks import QuantTensor, cat_rows
 from workers.quant.linear import QuantEmbedding, QuantLinear
 from workers.model_config import ModelConfig
@@ -61,6 +62,15 @@ class LlamaModel:
         self.norm = cast(_take(weights, "model.norm.weight"))
         self.layers = [self._layer(weights, i, cast) for i in range(config.num_layers)]
         self.rope = RotaryTable(config, dtype, device)
+        # with the quantized kernels built, their one-pass fp32 RMSNorm replaces F.rms_norm (see kernels.cpp)
+        self._fast_norm = self.quantized and dtype == torch.float32 and device.type == "cpu"
+        self._kernels = kernels.load() if self._fast_norm else None
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of hidden states [tokens, hidden]."""
+        if self._fast_norm:
+            return self._kernels.rms_norm(x.contiguous(), w, self.config.rms_norm_eps)
+        return F.rms_norm(x, (self.config.hidden_size,), w, self.config.rms_norm_eps)
 
     def _linear(self, w: dict[str, torch.Tensor], names: tuple[str, ...], bias: torch.Tensor | None,
                 cast, a8: bool = True) -> Linear | QuantLinear:
@@ -104,7 +114,7 @@ class LlamaModel:
         cos, sin = self.rope.lookup(position_ids)
         x = self.embed(token_ids)
         for i, lw in enumerate(self.layers):
-            h = F.rms_norm(x, (c.hidden_size,), lw.attn_norm, eps)
+            h = self._norm(x, lw.attn_norm)
             qkv = lw.qkv(h)
             v = qkv[:, (n_q + n_kv) * d:].view(t, n_kv, d)
             if lw.q_norm is None:
@@ -118,9 +128,9 @@ class LlamaModel:
             write_kv(kv_flat, k, v, plan)
             attn = paged_attention(q, kv_flat, plan)
             x = x + lw.o(attn.reshape(t, n_q * d))
-            h = F.rms_norm(x, (c.hidden_size,), lw.mlp_norm, eps)
+            h = self._norm(x, lw.mlp_norm)
             gu = lw.gate_up(h)
             f = c.intermediate_size
             x = x + lw.down(F.silu(gu[:, :f]) * gu[:, f:])
-        h = F.rms_norm(x.index_select(0, output_indices), (c.hidden_size,), self.norm, eps)
+        h = self._norm(x.index_select(0, output_indices), self.norm)
         return self.lm_head(h).float()

@@ -21,8 +21,8 @@ _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 class QuantTensor:
     kind: str  # "q4_1" or "q8_0"
     qs: torch.Tensor  # uint8 [rows, cols / 2] (q4_1) or int8 [rows, cols] (q8_0)
-    d: torch.Tensor  # float32 [rows, cols / 32]
-    m: torch.Tensor | None  # float32 [rows, cols / 32] (q4_1), else None
+    d: torch.Tensor  # float16 [rows, cols / 32], as GGUF stores it
+    m: torch.Tensor | None  # float16 [rows, cols / 32] (q4_1), else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,10 +42,10 @@ class QuantTensor:
         """fp32 [rows, cols], computed in torch (the reference the kernels are checked against)."""
         rows, cols = self.shape
         if self.kind == "q8_0":
-            return (self.qs.view(rows, -1, BLOCK).float() * self.d[..., None]).view(rows, cols)
+            return (self.qs.view(rows, -1, BLOCK).float() * self.d.float()[..., None]).view(rows, cols)
         q = self.qs.view(rows, -1, BLOCK // 2)
         q = torch.cat([q & 0x0F, q >> 4], dim=-1).float()
-        return (q * self.d[..., None] + self.m[..., None]).view(rows, cols)
+        return (q * self.d.float()[..., None] + self.m.float()[..., None]).view(rows, cols)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.{self.kind}.qs": self.qs, f"{prefix}.{self.kind}.d": self.d}
@@ -72,7 +72,7 @@ def quantizable(shape: tuple[int, ...]) -> bool:
 
 
 def _f16(raw: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).astype(np.float32))
+    return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).copy())
 
 
 def from_gguf_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int) -> QuantTensor:
@@ -87,7 +87,7 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int) -> Q
         m = _f16(b[..., 2:4]).view(rows, nb)
         qs = torch.from_numpy(np.ascontiguousarray(b[..., 4:]).reshape(rows, cols // 2))
         return QuantTensor("q4_1", qs, d, m)
-    # Q4_0: w = (q - 8) * d = q * d + (-8 d); -8 d is exact in fp32
+    # Q4_0: w = (q - 8) * d = q * d + (-8 d); -8 d is exact in fp16 (a power of two, far from overflow)
     qs = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).reshape(rows, cols // 2))
     return QuantTensor("q4_1", qs, d, -8 * d)
 

@@ -3,7 +3,8 @@
 // Layout (workers/quant/blocks.py builds it): for a weight [N, K] with K % 32 == 0,
 //   qs: uint8 [N, K / 2] (Q4_1: block b of row n holds elements 32b+j in the low nibble of
 //       byte 16b+j and 32b+16+j in its high nibble, as in GGUF) or int8 [N, K] (Q8_0);
-//   d, m: float32 [N, K / 32], the blocks' scales and minimums (fp16 in GGUF, widened exactly).
+//   d, m: float16 [N, K / 32], the blocks' scales and minimums, as GGUF stores them (kept at 16
+//   bits: decode is bound by the bytes it reads, and fp32 scales would add a fifth to Q4_1's).
 // A weight is q * d + m (Q4_1) or q * d (Q8_0). q * d is exact in fp32 (q has at most 8 bits,
 // d at most 11), so every path here sees exactly the weights gguf's own dequantization gives.
 //
@@ -27,22 +28,30 @@ namespace {
 constexpr int64_t QK = 32;  // values per block
 constexpr int64_t TILE = 4;  // weight rows per tile
 
+inline float h2f(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
 struct Blocks {
   const uint8_t* qs;
-  const float* d;
-  const float* m;  // nullptr for Q8_0
+  const uint16_t* d;  // fp16 bits
+  const uint16_t* m;  // fp16 bits; nullptr for Q8_0
   int64_t rows, nb;  // nb: blocks per row
   bool q4;
 };
 
-void unpack_q4_1(const uint8_t* q, const float* d, const float* m, int64_t nb, float* out) {
+void unpack_q4_1(const uint8_t* q, const uint16_t* d, const uint16_t* m, int64_t nb, float* out) {
   for (int64_t b = 0; b < nb; ++b, q += 16, out += QK) {
 #ifdef PIE_AVX2
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(raw, mask);
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-    const __m256 dv = _mm256_set1_ps(d[b]), mv = _mm256_set1_ps(m[b]);
+    const __m256 dv = _mm256_set1_ps(h2f(d[b])), mv = _mm256_set1_ps(h2f(m[b]));
     auto put = [&](__m128i bytes, float* o) {
       _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), dv, mv));
     };
@@ -52,23 +61,23 @@ void unpack_q4_1(const uint8_t* q, const float* d, const float* m, int64_t nb, f
     put(_mm_srli_si128(hi, 8), out + 24);
 #else
     for (int j = 0; j < 16; ++j) {
-      out[j] = static_cast<float>(q[j] & 0x0F) * d[b] + m[b];
-      out[j + 16] = static_cast<float>(q[j] >> 4) * d[b] + m[b];
+      out[j] = static_cast<float>(q[j] & 0x0F) * h2f(d[b]) + h2f(m[b]);
+      out[j + 16] = static_cast<float>(q[j] >> 4) * h2f(d[b]) + h2f(m[b]);
     }
 #endif
   }
 }
 
-void unpack_q8_0(const int8_t* q, const float* d, int64_t nb, float* out) {
+void unpack_q8_0(const int8_t* q, const uint16_t* d, int64_t nb, float* out) {
   for (int64_t b = 0; b < nb; ++b, q += QK, out += QK) {
 #ifdef PIE_AVX2
-    const __m256 dv = _mm256_set1_ps(d[b]);
+    const __m256 dv = _mm256_set1_ps(h2f(d[b]));
     for (int j = 0; j < QK; j += 8) {
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j));
       _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), dv));
     }
 #else
-    for (int j = 0; j < QK; ++j) out[j] = static_cast<float>(q[j]) * d[b];
+    for (int j = 0; j < QK; ++j) out[j] = static_cast<float>(q[j]) * h2f(d[b]);
 #endif
   }
 }
@@ -114,18 +123,18 @@ void dot_rows(const float* w, int64_t K, const float* x, float* y) {
 }
 
 Blocks blocks_of(const torch::Tensor& qs, const torch::Tensor& d, const c10::optional<torch::Tensor>& m) {
-  TORCH_CHECK(d.dim() == 2 && d.scalar_type() == torch::kFloat32 && d.is_contiguous(),
-              "quantized weight: scales must be a contiguous float32 [rows, blocks] tensor");
+  TORCH_CHECK(d.dim() == 2 && d.scalar_type() == torch::kHalf && d.is_contiguous(),
+              "quantized weight: scales must be a contiguous float16 [rows, blocks] tensor");
   const bool q4 = m.has_value();
   const int64_t rows = d.size(0), nb = d.size(1);
   TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.size(0) == rows && qs.size(1) == nb * (q4 ? 16 : QK),
               "quantized weight: qs must be contiguous [rows, blocks * ", q4 ? 16 : QK, "]");
   TORCH_CHECK(qs.scalar_type() == (q4 ? torch::kUInt8 : torch::kInt8), "quantized weight: qs has the wrong dtype");
   if (q4)
-    TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == torch::kFloat32 && m->is_contiguous(),
+    TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == torch::kHalf && m->is_contiguous(),
                 "quantized weight: minimums must match the scales");
-  return Blocks{static_cast<const uint8_t*>(qs.data_ptr()), d.data_ptr<float>(),
-                q4 ? m->data_ptr<float>() : nullptr, rows, nb, q4};
+  return Blocks{static_cast<const uint8_t*>(qs.data_ptr()), static_cast<const uint16_t*>(d.data_ptr()),
+                q4 ? static_cast<const uint16_t*>(m->data_ptr()) : nullptr, rows, nb, q4};
 }
 
 #ifdef PIE_AVX2
@@ -151,7 +160,7 @@ template <int MR>
 void fused_rows(const Blocks& w, int64_t n0, int64_t n1, const float* x, const float* xsum, int64_t N, float* y) {
   const int64_t nb = w.nb, K = nb * QK;
   for (int64_t n = n0; n < n1; ++n) {
-    const float* d = w.d + n * nb;
+    const uint16_t* d = w.d + n * nb;
     __m256 acc[MR];
     for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
@@ -160,7 +169,7 @@ void fused_rows(const Blocks& w, int64_t n0, int64_t n1, const float* x, const f
         q4_floats(w.qs + (n * nb + b) * 16, v);
       else
         q8_floats(reinterpret_cast<const int8_t*>(w.qs) + (n * nb + b) * QK, v);
-      const __m256 db = _mm256_set1_ps(d[b]);
+      const __m256 db = _mm256_set1_ps(h2f(d[b]));
       for (int i = 0; i < MR; ++i) {
         const float* xb = x + i * K + b * QK;
         __m256 t = _mm256_mul_ps(v[0], _mm256_loadu_ps(xb));
@@ -173,8 +182,8 @@ void fused_rows(const Blocks& w, int64_t n0, int64_t n1, const float* x, const f
     for (int i = 0; i < MR; ++i) {
       float s = hsum(acc[i]);
       if (w.q4) {
-        const float* m = w.m + n * nb;
-        for (int64_t b = 0; b < nb; ++b) s += m[b] * xsum[i * nb + b];
+        const uint16_t* m = w.m + n * nb;
+        for (int64_t b = 0; b < nb; ++b) s += h2f(m[b]) * xsum[i * nb + b];
       }
       y[i * N + n] = s;
     }
@@ -209,42 +218,52 @@ QuantRows quantize_rows(const float* x, int64_t M, int64_t nb) {
   return r;
 }
 
-// 8 int32 partial sums of a block's 32 products q_w * q_x
-inline __m256i block_products(const Blocks& w, int64_t block, const int8_t* qx) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx));
-  __m256i p16;
+// A block's 32 weights as bytes: 4-bit values unsigned (low nibbles first), 8-bit ones signed
+inline __m256i block_weights(const Blocks& w, int64_t block) {
   if (w.q4) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + block * 16));
-    const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-    p16 = _mm256_maddubs_epi16(q, x);  // unsigned 4-bit x signed 8-bit: no saturation (2 * 15 * 128)
-  } else {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + block * QK));
-    p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));  // |q_w| * (sign(q_w) q_x)
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
   }
-  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs + block * QK));
 }
 
-// Decode-sized batches, 8-bit activations: y[i][n] = sum_b d_b dx_ib dot(q_b, qx_ib) + m_b sx_ib
+// 8 int32 partial sums of the 32 products q_w * q_x, as floats
+inline __m256 block_products(__m256i q, const int8_t* qx, bool q4) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx));
+  // unsigned 4-bit x signed 8-bit cannot saturate (2 * 15 * 128); for 8-bit weights move the
+  // sign onto x: |q_w| * (sign(q_w) q_x), at most 2 * 128 * 127
+  const __m256i p16 = q4 ? _mm256_maddubs_epi16(q, x) : _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+// Decode-sized batches, 8-bit activations: y[i][n] = sum_b d_b dx_ib dot(q_b, qx_ib) + m_b sx_ib.
+// Two weight rows at a time: two independent accumulator chains, each x block loaded once.
 template <int MR>
 void fused_rows_a8(const Blocks& w, int64_t n0, int64_t n1, const QuantRows& xq, int64_t N, float* y) {
   const int64_t nb = w.nb;
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* d = w.d + n * nb;
-    __m256 acc[MR];
-    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t n = n0; n < n1; n += 2) {
+    const int nr = n + 1 < n1 ? 2 : 1;
+    __m256 acc[2][MR];
+    for (int r = 0; r < 2; ++r)
+      for (int i = 0; i < MR; ++i) acc[r][i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      for (int i = 0; i < MR; ++i) {
-        const __m256 p = _mm256_cvtepi32_ps(block_products(w, n * nb + b, xq.q.data() + (i * nb + b) * QK));
-        acc[i] = _mm256_fmadd_ps(p, _mm256_set1_ps(d[b] * xq.dx[i * nb + b]), acc[i]);
+      for (int r = 0; r < nr; ++r) {
+        const __m256i q = block_weights(w, (n + r) * nb + b);
+        const float d = h2f(w.d[(n + r) * nb + b]);
+        for (int i = 0; i < MR; ++i)
+          acc[r][i] = _mm256_fmadd_ps(block_products(q, xq.q.data() + (i * nb + b) * QK, w.q4),
+                                      _mm256_set1_ps(d * xq.dx[i * nb + b]), acc[r][i]);
       }
     }
-    for (int i = 0; i < MR; ++i) {
-      float s = hsum(acc[i]);
-      if (w.q4) {
-        const float* m = w.m + n * nb;
-        for (int64_t b = 0; b < nb; ++b) s += m[b] * xq.sx[i * nb + b];
+    for (int r = 0; r < nr; ++r) {
+      for (int i = 0; i < MR; ++i) {
+        float s = hsum(acc[r][i]);
+        if (w.q4) {
+          const uint16_t* m = w.m + (n + r) * nb;
+          for (int64_t b = 0; b < nb; ++b) s += h2f(m[b]) * xq.sx[i * nb + b];
+        }
+        y[i * N + n + r] = s;
       }
-      y[i * N + n] = s;
     }
   }
 }
@@ -328,12 +347,37 @@ torch::Tensor rows(const torch::Tensor& qs, const torch::Tensor& d, const c10::o
   const int64_t R = idx.size(0), K = w.nb * QK;
   for (int64_t i = 0; i < R; ++i)
     TORCH_CHECK(ip[i] >= 0 && ip[i] < w.rows, "rows: index ", ip[i], " is out of range [0, ", w.rows, ")");
-  auto out = torch::empty({R, K}, d.options());
+  auto out = torch::empty({R, K}, torch::dtype(torch::kFloat32));
   float* op = out.data_ptr<float>();
   at::parallel_for(0, R, 16, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) unpack_row(w, ip[i], op + i * K);
   });
   return out;
+}
+
+// RMSNorm as Hugging Face's Llama computes it in fp32: w * (x / sqrt(mean(x^2) + eps)), one pass
+// per row. F.rms_norm costs ~35 us a call on a 576-wide decode row here (it converts and
+// allocates); at two norms a layer that was a tenth of a quantized decode step.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "rms_norm: x must be a contiguous float32 [rows, hidden] tensor");
+  TORCH_CHECK(w.dim() == 1 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(0) == x.size(1),
+              "rms_norm: w must be a contiguous float32 [hidden] tensor");
+  const int64_t R = x.size(0), H = x.size(1);
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, R, 64, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const float* xr = xp + r * H;
+      float ss = 0.f;
+      for (int64_t j = 0; j < H; ++j) ss += xr[j] * xr[j];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
+      for (int64_t j = 0; j < H; ++j) yp[r * H + j] = wp[j] * (xr[j] * inv);
+    }
+  });
+  return y;
 }
 
 bool has_avx2() {
@@ -353,5 +397,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("x"), pybind11::arg("qs"), pybind11::arg("d"), pybind11::arg("m"), pybind11::arg("a8"));
   mod.def("rows", &rows, "dequantized rows of a Q4_1 or Q8_0 weight",
           pybind11::arg("qs"), pybind11::arg("d"), pybind11::arg("m"), pybind11::arg("index"));
+  mod.def("rms_norm", &rms_norm, "Llama's RMSNorm over the rows of an fp32 matrix",
+          pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("eps"));
   mod.def("has_avx2", &has_avx2, "whether this build uses the AVX2/FMA paths");
 }

@@ -36,8 +36,11 @@ def _cpu_flags() -> set[str]:
 
 def compile_flags() -> list[str]:
     flags = ["-O3", "-fopenmp"]
-    if {"avx2", "fma"} <= _cpu_flags():
+    cpu = _cpu_flags()
+    if {"avx2", "fma"} <= cpu:
         flags += ["-mavx2", "-mfma"]
+    if "f16c" in cpu:
+        flags += ["-mf16c"]
     return flags
 
 

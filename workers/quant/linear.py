@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from workers.quant import kernels
 from workers.quant.blocks import QuantTensor
 
-DENSE_FROM = 64  # rows of x from which unpack-then-GEMM is faster (docs/benchmarks.md, issue 19)
+# rows of x from which unpacking the whole weight for the fp32 GEMM beats the tiled kernel: measured
+# 8.35 vs 9.46 ms at 128 rows, 16.4 vs 16.5 at 256 on a 3072x576 Q4_1 weight (docs/benchmarks.md)
+DENSE_FROM = 256
 
 
 class QuantLinear:

@@ -22,7 +22,7 @@ from workers.model_loader import LoadedModel
 from workers.progress import ProgressFn, StderrProgress
 from workers.quant.blocks import QuantTensor, from_gguf_blocks, gguf_types, quantizable, quantize
 
-QUANT_VERSION = 1  # bump when the layout or the choice of formats changes
+QUANT_VERSION = 2  # bump when the layout or the choice of formats changes
 _LAYER_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 _TABLES = ("model.embed_tokens.weight", "lm_head.weight")
 
