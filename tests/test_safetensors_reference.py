@@ -6,6 +6,7 @@ tokenizer.json; workers.load_model reads the directory back and our executor mus
 transformers' logits at every position, through a prefill and through single-token decodes.
 """
 import copy
+import dataclasses
 import os
 
 import numpy as np
@@ -133,3 +134,25 @@ def test_a_sliding_window_caps_the_context_where_the_window_starts_to_matter(tmp
         with pytest.raises(workers.InvalidRequestError, match=f"position {window} is beyond the model's context "
                                                               f"\\[0, {window}\\): .*sliding window of {window}"):
             step_logprobs(ex, [logprobs_request(ex, past, pages)])
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_at_load_the_model_computes_with_exactly_its_quantized_weights(tiny, quant):
+    """--quant on a safetensors model quantizes its float weights at load (gguf's reference
+    quantizers); the quantized executor must be the float model with those weights, for every
+    architecture (biases, q/k norms, untied heads), and they must differ from the float ones."""
+    from workers.quant.model_weights import target_kind
+
+    loaded, hf, ids = tiny
+    ex = workers.TorchExecutor(loaded, dtype="fp32", page_size=PAGE_SIZE, num_pages=16, quant=quant)
+    quantized = ex.model.quantized
+    linears = {n for n in loaded.weights if target_kind(n, quant)}
+    assert set(quantized) == linears and any("layers.1.mlp.down_proj" in n for n in linears)
+    for name, qt in quantized.items():
+        assert qt.kind == target_kind(name, quant), name
+    same = dataclasses.replace(loaded, weights={**loaded.weights, **{n: qt.dequantize() for n, qt in quantized.items()}})
+    reference = workers.TorchExecutor(same, dtype="fp32", page_size=PAGE_SIZE, num_pages=16)
+    expected = prefill_logprobs(reference, ids)
+    # tolerance: 1e-4, fp32 summation order only (a prefill multiplies in fp32 on the unpacked blocks)
+    assert max_abs_diff(prefill_logprobs(ex, ids), expected) < 1e-4
+    assert max_abs_diff(expected, hf_logprobs(hf, ids)) > 1e-3  # quantizing did change the model
