@@ -24,19 +24,22 @@ def test_generate_rejects_a_bad_token_budget(capsys):
 
 
 def test_bench_writes_rows_for_both_systems(tmp_path, capsys, smollm2):
+    """Our rows per quant beside transformers' (fp32: bf16 matmuls are the slow path on AVX2-only CPUs)."""
     path = tmp_path / "rows.json"
     # 16 tokens: the rate divides by (time for N - time for 1), and with N = 3 the 2 extra tokens
     # (~40 ms) were within the noise of a busy machine: transformers once came out at -8 tok/s
-    bench.main(["--batches", "1,2", "--dtypes", "bf16", "--tokens", "16", "--json", str(path)])
+    bench.main(["--batches", "1,2", "--dtypes", "fp32", "--quants", "none,int4", "--tokens", "16", "--json", str(path)])
     rows = json.loads(path.read_text())
-    assert {tuple(sorted(r)) for r in rows} == {("batch", "decode_tok_s", "dtype", "prefill_tok_s", "system")}
-    for system in ("pie-torch", "transformers"):
-        mine = [r for r in rows if r["system"] == system]
+    assert {tuple(sorted(r)) for r in rows} == {("batch", "decode_tok_s", "dtype", "prefill_tok_s", "quant", "system")}
+    for system, quant in (("pie-torch", "none"), ("pie-torch", "int4"), ("transformers", "none")):
+        mine = [r for r in rows if (r["system"], r["quant"]) == (system, quant)]
         assert sorted(r["batch"] for r in mine if r["decode_tok_s"] is not None) == [1, 2]
         assert [r["prefill_tok_s"] > 0 for r in mine if r["decode_tok_s"] is None] == [True]
         assert all(r["decode_tok_s"] > 0 for r in mine if r["decode_tok_s"] is not None)
     table = capsys.readouterr().out
-    assert "pie-torch" in table and "x" in table.split("pie-torch", 1)[1]  # a ratio against transformers
+    assert "vs transformers" in table and "vs llama.cpp" in table
+    # a ratio against transformers on our int4 rows
+    assert any(line.startswith("pie-torch    fp32  int4") and line.rstrip().endswith("x") for line in table.splitlines())
 
 
 def test_pie_run_prints_what_the_inferlet_sends(capsys, smollm2):

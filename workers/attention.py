@@ -22,6 +22,7 @@ from workers.step_types import StepBatch
 class DecodeGroup:
     token_index: torch.Tensor | None  # [B] rows of the step's tokens; None when they are all of them, in order
     key_rows: torch.Tensor  # [B * max_kv] flat KV rows of keys, padded
+    value_rows: torch.Tensor  # key_rows + page_size: computed once a step, not once a layer
     mask: torch.Tensor | None  # [B, 1, 1, max_kv] bool, True = attend; None = attend to all
     batch: int
     max_kv: int
@@ -32,13 +33,14 @@ class RequestAttention:
     start: int  # first token of the request in the step
     stop: int  # one past its last token
     key_rows: torch.Tensor  # [kv_len] flat KV rows of keys
+    value_rows: torch.Tensor  # key_rows + page_size
     mask: torch.Tensor | None  # [1, 1, q_len, kv_len] bool; None = causal with q_len == kv_len
 
 
 @dataclass
 class AttentionPlan:
-    write_key_rows: torch.Tensor  # [num_tokens] where each input token's key goes; values at + page_size
-    page_size: int
+    write_key_rows: torch.Tensor  # [num_tokens] where each input token's key goes
+    write_value_rows: torch.Tensor  # write_key_rows + page_size
     decode: DecodeGroup | None
     others: list[RequestAttention]
 
@@ -86,14 +88,15 @@ def build_plan(batch: StepBatch, kv: PagedKVCache, device: torch.device) -> Atte
         if mask is not None and not mask.any(axis=1).all():
             raise InvalidRequestError("an input token has every KV slot it would attend to masked", i)
         others.append(RequestAttention(
-            t0, t1, torch.from_numpy(rows).to(device),
+            t0, t1, torch.from_numpy(rows).to(device), torch.from_numpy(rows + ps).to(device),
             None if mask is None else torch.from_numpy(mask).to(device).view(1, 1, q_len, kv_len)))
-    decode = _decode_group(decode_ids, decode_rows, decode_visible, batch.num_tokens, device) if decode_ids else None
-    return AttentionPlan(torch.from_numpy(write_rows).to(device), ps, decode, others)
+    decode = _decode_group(decode_ids, decode_rows, decode_visible, batch.num_tokens, ps, device) if decode_ids else None
+    return AttentionPlan(torch.from_numpy(write_rows).to(device), torch.from_numpy(write_rows + ps).to(device),
+                         decode, others)
 
 
 def _decode_group(ids: list[int], rows: list[np.ndarray], visible: list[np.ndarray | None], num_tokens: int,
-                  device: torch.device) -> DecodeGroup:
+                  page_size: int, device: torch.device) -> DecodeGroup:
     b = len(ids)
     lens = np.array([len(r) for r in rows])
     max_kv = int(lens.max())
@@ -105,21 +108,22 @@ def _decode_group(ids: list[int], rows: list[np.ndarray], visible: list[np.ndarr
     mask = None if attend.all() else torch.from_numpy(attend).to(device).view(b, 1, 1, max_kv)
     in_order = ids == list(range(num_tokens))
     token_index = None if in_order else torch.tensor(ids, dtype=torch.int64, device=device)
-    return DecodeGroup(token_index, torch.from_numpy(padded.reshape(-1)).to(device), mask, b, max_kv)
+    flat = padded.reshape(-1)
+    return DecodeGroup(token_index, torch.from_numpy(flat).to(device), torch.from_numpy(flat + page_size).to(device),
+                       mask, b, max_kv)
 
 
 def write_kv(kv_flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> None:
     """Store this step's keys and values [num_tokens, kv_heads, head_dim] in their slots."""
     kv_flat.index_copy_(0, plan.write_key_rows, k)
-    kv_flat.index_copy_(0, plan.write_key_rows + plan.page_size, v)
+    kv_flat.index_copy_(0, plan.write_value_rows, v)
 
 
 def paged_attention(q: torch.Tensor, kv_flat: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """q [num_tokens, heads, head_dim] over the paged KV of one layer -> [num_tokens, heads, head_dim]."""
-    ps = plan.page_size
     d = plan.decode
     if d is not None:
-        o = _decode_attention(q if d.token_index is None else q.index_select(0, d.token_index), kv_flat, d, ps)
+        o = _decode_attention(q if d.token_index is None else q.index_select(0, d.token_index), kv_flat, d)
         if d.token_index is None:  # every token is a decode, in order
             return o
     out = torch.empty_like(q)
@@ -127,18 +131,18 @@ def paged_attention(q: torch.Tensor, kv_flat: torch.Tensor, plan: AttentionPlan)
         out.index_copy_(0, d.token_index, o)
     for r in plan.others:
         k = kv_flat.index_select(0, r.key_rows).transpose(0, 1).unsqueeze(0)
-        v = kv_flat.index_select(0, r.key_rows + ps).transpose(0, 1).unsqueeze(0)
+        v = kv_flat.index_select(0, r.value_rows).transpose(0, 1).unsqueeze(0)
         qr = q[r.start:r.stop].transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qr, k, v, attn_mask=r.mask, is_causal=r.mask is None, enable_gqa=True)
         out[r.start:r.stop] = o.squeeze(0).transpose(0, 1)
     return out
 
 
-def _decode_attention(q: torch.Tensor, kv_flat: torch.Tensor, d: DecodeGroup, ps: int) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, kv_flat: torch.Tensor, d: DecodeGroup) -> torch.Tensor:
     """q [batch, heads, head_dim], one token per request, over each request's padded KV rows."""
     kv_heads, head_dim = kv_flat.shape[1], kv_flat.shape[2]
     k = kv_flat.index_select(0, d.key_rows).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
-    v = kv_flat.index_select(0, d.key_rows + ps).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
+    v = kv_flat.index_select(0, d.value_rows).view(d.batch, d.max_kv, kv_heads, head_dim).transpose(1, 2)
     # fold each KV head's query heads into the query-length axis: plain MHA, no GQA expansion
     groups = q.shape[1] // kv_heads
     o = F.scaled_dot_product_attention(q.view(d.batch, kv_heads, groups, head_dim), k, v, attn_mask=d.mask)
