@@ -1,10 +1,12 @@
 """A linear layer (and an embedding table) over a QuantTensor, with the kernels of kernels.cpp.
 
-Decode-sized calls (up to 4 rows) run the fused kernel with 8-bit activations per block of 32,
-as llama.cpp does (the LM head keeps fp32 activations: its a8 rounding flips near-tied
-first tokens, and it costs ~8% of a decode step; see docs/benchmarks.md); larger batches unpack the weights tile by tile and multiply in fp32; prefill-
-sized ones (DENSE_FROM rows and up) unpack the whole weight once and hand it to the fp32 GEMM,
-which beats a tiled kernel there. Inputs may be bf16 or fp32; the output has the input's dtype.
+By the number of rows of x:
+- up to 4 (decode): the fused kernel with 8-bit activations per block of 32, as llama.cpp does.
+  The LM head keeps fp32 activations: 8-bit ones flipped near-tied first tokens, and the head
+  is ~3 ms of a ~27 ms step either way (docs/benchmarks.md);
+- 5 to DENSE_FROM - 1: tiles of weight rows unpacked to fp32 and multiplied in fp32;
+- DENSE_FROM and up (prefill): the whole weight unpacked once and handed to the fp32 GEMM.
+Inputs may be bf16 or fp32; the output has the input's dtype.
 """
 from __future__ import annotations
 
