@@ -142,7 +142,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         metric = "prefill_tok_s" if r["decode_tok_s"] is None else "decode_tok_s"
         ratio = lambda peer: f"{r[metric] / peer[metric]:.2f}x" if peer and peer is not r else ""
-        print(f"{r['system']:<13}{r['dtype']:<6}{r.get('quant', 'none'):<6}{r['batch']:>6}{_fmt(r['decode_tok_s']):>14}"
+        print(f"{r['system']:<13}{r['dtype']:<6}{r['quant']:<6}{r['batch']:>6}{_fmt(r['decode_tok_s']):>14}"
               f"{_fmt(r['prefill_tok_s']):>15}{ratio(hf.get((r['dtype'], *_key(r)))):>17}"
               f"{ratio(bf16.get(_key(r))):>13}{ratio(llama.get(_key(r))):>14}")
 
@@ -156,11 +156,12 @@ def chart(rows: list[dict], path: str) -> None:
 
     decode = [r for r in rows if r["decode_tok_s"] is not None]
     batches = sorted({r["batch"] for r in decode})
-    series = list(dict.fromkeys((r["system"], r["dtype"], r.get("quant", "none")) for r in decode))
+    series_of = lambda r: (r["system"], r["dtype"], r.get("quant", "none"))  # rows of older runs have no quant
+    series = list(dict.fromkeys(series_of(r) for r in decode))
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(series)
     for j, key in enumerate(series):
-        by_batch = {r["batch"]: r["decode_tok_s"] for r in decode if (r["system"], r["dtype"], r.get("quant", "none")) == key}
+        by_batch = {r["batch"]: r["decode_tok_s"] for r in decode if series_of(r) == key}
         xs = [i + j * width for i, b in enumerate(batches) if b in by_batch]
         ax.bar(xs, [by_batch[b] for b in batches if b in by_batch], width, label=" ".join(key))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])

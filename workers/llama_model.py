@@ -63,7 +63,7 @@ class LlamaModel:
         self.layers = [self._layer(weights, i, cast) for i in range(config.num_layers)]
         self.rope = RotaryTable(config, dtype, device)
         # with the quantized kernels built, their one-pass fp32 RMSNorm replaces F.rms_norm (see kernels.cpp)
-        self._fast_norm = self.quantized and dtype == torch.float32 and device.type == "cpu"
+        self._fast_norm = bool(self.quantized) and dtype == torch.float32 and device.type == "cpu"
         self._kernels = kernels.load() if self._fast_norm else None
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

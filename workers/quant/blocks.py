@@ -15,6 +15,7 @@ import torch
 BLOCK = 32
 KINDS = ("q4_1", "q8_0")
 _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+GGUF_TYPES = tuple(_GGUF_BLOCK_BYTES)  # the GGUF block types from_gguf_blocks takes
 
 
 @dataclass
@@ -27,10 +28,6 @@ class QuantTensor:
     @property
     def shape(self) -> tuple[int, int]:
         return self.d.shape[0], self.d.shape[1] * BLOCK
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
 
     def take_rows(self, index: torch.Tensor | np.ndarray) -> QuantTensor:
         """These rows, in this order (a row permutation moves whole rows of blocks)."""
@@ -90,10 +87,6 @@ def from_gguf_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int) -> Q
     # Q4_0: w = (q - 8) * d = q * d + (-8 d); -8 d is exact in fp16 (a power of two, far from overflow)
     qs = torch.from_numpy(np.ascontiguousarray(b[..., 2:]).reshape(rows, cols // 2))
     return QuantTensor("q4_1", qs, d, -8 * d)
-
-
-def gguf_types() -> tuple[str, ...]:
-    return tuple(_GGUF_BLOCK_BYTES)
 
 
 def quantize(w: torch.Tensor, kind: str) -> QuantTensor:

@@ -20,7 +20,7 @@ import torch
 from workers.errors import ModelLoadError
 from workers.model_loader import LoadedModel
 from workers.progress import ProgressFn, StderrProgress
-from workers.quant.blocks import QuantTensor, from_gguf_blocks, gguf_types, quantizable, quantize
+from workers.quant.blocks import GGUF_TYPES, QuantTensor, from_gguf_blocks, quantizable, quantize
 
 QUANT_VERSION = 2  # bump when the layout or the choice of formats changes
 _LAYER_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
@@ -42,7 +42,7 @@ def _gguf_blocks(model: LoadedModel, quant: str) -> dict[str, QuantTensor]:
 
     from workers.gguf_reader import hf_name, unpermuted_rows
 
-    usable = {"int4": set(gguf_types()), "int8": {"Q8_0"}}[quant]
+    usable = {"int4": set(GGUF_TYPES), "int8": {"Q8_0"}}[quant]
     out = {}
     for t in gguf.GGUFReader(model.source).tensors:
         name = hf_name(t.name)
