@@ -84,8 +84,8 @@ def test_allocator_invariant_over_random_operations():
 
 # --- PagedKVCache --------------------------------------------------------------------------------
 
-def filled_cache(page_size: int = 6, num_pages: int = 5) -> PagedKVCache:
-    kv = PagedKVCache(TINY, num_pages, page_size, torch.float32, torch.device("cpu"))
+def filled_cache(page_size: int = 6, num_pages: int = 5, dtype: torch.dtype = torch.float32) -> PagedKVCache:
+    kv = PagedKVCache(TINY, num_pages, page_size, dtype, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     for t in kv.layers:
         t.copy_(torch.randn(t.shape, generator=g))
@@ -183,8 +183,7 @@ def test_executor_sizes_its_cache_from_the_budget(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_read_pages_then_write_pages_moves_keys_values_and_masks_to_another_cache(dtype):
-    src = filled_cache()
-    src.layers = [t.to(dtype) for t in src.layers]
+    src = filled_cache(dtype=dtype)
     src.set_slot_mask(3, [True, False, True, False, False, True])
     data = src.read_pages([3, 1])
     assert len(data) == 2 * src.page_record_bytes()

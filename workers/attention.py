@@ -45,12 +45,20 @@ class AttentionPlan:
     others: list[RequestAttention]
 
 
-def _kv_slots(batch: StepBatch, i: int, page_size: int) -> tuple[np.ndarray, np.ndarray]:
+def kv_slots(batch: StepBatch, i: int, page_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(pages, slots) of each KV slot of request i, in sequence order."""
     pages = batch.kv_page_indices[batch.kv_page_indptr[i]:batch.kv_page_indptr[i + 1]]
     kv_len = (len(pages) - 1) * page_size + int(batch.kv_last_page_lens[i])
     seq = np.arange(kv_len)
     return pages[seq // page_size], seq % page_size
+
+
+def custom_mask_of(batch: StepBatch, i: int, q_len: int, kv_len: int) -> np.ndarray | None:
+    """Request i's [q_len, kv_len] custom mask, or None when it has none (causal)."""
+    if batch.custom_mask_indptr is None or batch.custom_mask_indptr[i + 1] == batch.custom_mask_indptr[i]:
+        return None
+    m0, m1 = batch.custom_mask_indptr[i], batch.custom_mask_indptr[i + 1]
+    return batch.custom_mask[m0:m1].reshape(q_len, kv_len)
 
 
 def build_plan(batch: StepBatch, kv: PagedKVCache, device: torch.device) -> AttentionPlan:
@@ -63,16 +71,13 @@ def build_plan(batch: StepBatch, kv: PagedKVCache, device: torch.device) -> Atte
     decode_visible: list[np.ndarray | None] = []
     others: list[RequestAttention] = []
     for i in range(batch.num_requests):
-        pages, slots = _kv_slots(batch, i, ps)
+        pages, slots = kv_slots(batch, i, ps)
         rows = pages * (2 * ps) + slots
         kv_len, q_len = len(rows), int(q_lens[i])
         t0, t1 = int(batch.qo_indptr[i]), int(batch.qo_indptr[i + 1])
         write_rows[t0:t1] = rows[kv_len - q_len:]
         visible = None if slot_masked is None else ~slot_masked[pages, slots]  # [kv_len]
-        custom = None
-        if batch.custom_mask_indptr is not None and batch.custom_mask_indptr[i + 1] > batch.custom_mask_indptr[i]:
-            m0, m1 = batch.custom_mask_indptr[i], batch.custom_mask_indptr[i + 1]
-            custom = batch.custom_mask[m0:m1].reshape(q_len, kv_len)
+        custom = custom_mask_of(batch, i, q_len, kv_len)
         if q_len == 1 and custom is None:
             if visible is not None and not visible.any():
                 raise InvalidRequestError("every KV slot it would attend to is masked", i)
@@ -80,19 +85,27 @@ def build_plan(batch: StepBatch, kv: PagedKVCache, device: torch.device) -> Atte
             decode_rows.append(rows)
             decode_visible.append(visible)
             continue
-        mask = custom
-        if mask is None and (visible is not None or q_len != kv_len):
-            mask = np.tril(np.ones((q_len, kv_len), dtype=bool), k=kv_len - q_len)
-        if visible is not None:
-            mask = mask & visible[None, :]
-        if mask is not None and not mask.any(axis=1).all():
-            raise InvalidRequestError("an input token has every KV slot it would attend to masked", i)
+        mask = request_mask(custom, visible, q_len, kv_len, i)
         others.append(RequestAttention(
             t0, t1, torch.from_numpy(rows).to(device), torch.from_numpy(rows + ps).to(device),
             None if mask is None else torch.from_numpy(mask).to(device).view(1, 1, q_len, kv_len)))
     decode = _decode_group(decode_ids, decode_rows, decode_visible, batch.num_tokens, ps, device) if decode_ids else None
     return AttentionPlan(torch.from_numpy(write_rows).to(device), torch.from_numpy(write_rows + ps).to(device),
                          decode, others)
+
+
+def request_mask(custom: np.ndarray | None, visible: np.ndarray | None, q_len: int, kv_len: int,
+                 request: int) -> np.ndarray | None:
+    """[q_len, kv_len] bool, True = may attend: the custom mask (else causal in slot order) less
+    the masked slots; None when that is plain causal attention with q_len == kv_len."""
+    mask = custom
+    if mask is None and (visible is not None or q_len != kv_len):
+        mask = np.tril(np.ones((q_len, kv_len), dtype=bool), k=kv_len - q_len)
+    if visible is not None:
+        mask = mask & visible[None, :]
+    if mask is not None and not mask.any(axis=1).all():
+        raise InvalidRequestError("an input token has every KV slot it would attend to masked", request)
+    return mask
 
 
 def _decode_group(ids: list[int], rows: list[np.ndarray], visible: list[np.ndarray | None], num_tokens: int,

@@ -36,6 +36,19 @@ class PagedKVCache:
         # True where a slot is masked out: no query sees it. Kept on the host: attention plans
         # are built there, so reading it never synchronizes with the device
         self.slot_masked = np.zeros((num_pages, page_size), dtype=bool)
+        # every page operation below goes through these: (keys, values) of each layer, [num_pages, page_size,
+        # num_kv_heads, head_dim] views; `over` builds a cache whose parts view another layout
+        self.parts = [(t[:, 0], t[:, 1]) for t in self.layers]
+
+    @classmethod
+    def over(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], page_size: int) -> PagedKVCache:
+        """A cache over tensors someone else allocated (vLLM's KV cache): per layer, views of its keys and
+        its values as [num_pages, page_size, num_kv_heads, head_dim], of any strides. Every method but
+        `flat` works on it, and read_pages gives the same bytes as for our own layout."""
+        cache = cls.__new__(cls)
+        cache.num_pages, cache.page_size, cache.parts, cache.layers = parts[0][0].shape[0], page_size, parts, []
+        cache.slot_masked = np.zeros((cache.num_pages, page_size), dtype=bool)
+        return cache
 
     def flat(self, layer: int) -> torch.Tensor:
         """[num_pages * 2 * page_size, num_kv_heads, head_dim] view of one layer."""
@@ -57,24 +70,25 @@ class PagedKVCache:
         """Copy `length` token slots (keys, values and mask bits) between pages, in every layer."""
         self._check_range(src_page, src_start, length, "source")
         self._check_range(dst_page, dst_start, length, "destination")
-        for t in self.layers:
-            t[dst_page, :, dst_start:dst_start + length] = t[src_page, :, src_start:src_start + length].clone()
+        for part in (x for kv in self.parts for x in kv):
+            part[dst_page, dst_start:dst_start + length] = part[src_page, src_start:src_start + length].clone()
         self.slot_masked[dst_page, dst_start:dst_start + length] = \
             self.slot_masked[src_page, src_start:src_start + length].copy()
 
     def page_record_bytes(self) -> int:
         """Bytes read_pages gives per page: keys and values of every layer, then the slot mask."""
-        t = self.layers[0]
-        return len(self.layers) * t[0].numel() * t.element_size() + self.page_size
+        k = self.parts[0][0]
+        return len(self.parts) * 2 * k[0].numel() * k.element_size() + self.page_size
 
     def read_pages(self, pages: list[int]) -> bytes:
         """Pages as one buffer: per layer the [len(pages), 2, page_size, heads, dim] block, raw, then
         the slot masks; only an executor with the same model, dtype and page size can read it."""
         for p in pages:
             self._check_range(p, 0, self.page_size, "read")
-        index = torch.as_tensor(pages, dtype=torch.long, device=self.layers[0].device)
-        parts = [t.index_select(0, index).contiguous().cpu().view(torch.uint8).numpy().tobytes() for t in self.layers]
-        return b"".join(parts) + self.slot_masked[pages].astype(np.uint8).tobytes()
+        index = torch.as_tensor(pages, dtype=torch.long, device=self.parts[0][0].device)
+        blocks = [torch.stack([k.index_select(0, index), v.index_select(0, index)], dim=1) for k, v in self.parts]
+        data = [b.contiguous().cpu().view(torch.uint8).numpy().tobytes() for b in blocks]
+        return b"".join(data) + self.slot_masked[pages].astype(np.uint8).tobytes()
 
     def write_pages(self, pages: list[int], data: bytes) -> None:
         """Overwrite pages with a read_pages buffer of as many pages (same model, dtype, page size)."""
@@ -85,12 +99,13 @@ class PagedKVCache:
             raise InvalidRequestError(f"page data has {len(data)} bytes; {len(pages)} pages of this model, dtype and "
                                       f"page size take {expected}: it comes from a different model or dtype")
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        index = torch.as_tensor(pages, dtype=torch.long, device=self.layers[0].device)
+        index = torch.as_tensor(pages, dtype=torch.long, device=self.parts[0][0].device)
         offset = 0
-        for t in self.layers:
-            size = len(pages) * t[0].numel() * t.element_size()
-            block = raw[offset:offset + size].view(t.dtype).view(len(pages), *t.shape[1:])
-            t.index_copy_(0, index, block.to(t.device))
+        for k, v in self.parts:
+            size = len(pages) * 2 * k[0].numel() * k.element_size()
+            block = raw[offset:offset + size].view(k.dtype).view(len(pages), 2, *k.shape[1:]).to(k.device)
+            k.index_copy_(0, index, block[:, 0])
+            v.index_copy_(0, index, block[:, 1])
             offset += size
         self.slot_masked[pages] = np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(len(pages), -1) != 0
 
