@@ -1,16 +1,18 @@
 """The `pie` command line.
 
     pie build SOURCE.py [-o OUT.wasm]        build an inferlet into a component (cached by content)
-    pie run PROGRAM [--model M] [--dtype bf16] [--quant none] [--allow-http HOST[:PORT]]... [-- ARGS...]
-                                             run an inferlet on the embedded engine, printing what it sends
-    pie serve [--host 127.0.0.1] [--port 50051] [--model M] [--dtype bf16] [--quant none] [--token T]
-              [--max-running N] [--http-port P [--openai-inferlet PATH]] [--allow-http HOST[:PORT]]...
+    pie run PROGRAM [--model M] [--dtype bf16] [--quant none] [--executor torch] [--allow-http HOST[:PORT]]...
+            [-- ARGS...]                     run an inferlet on the embedded engine, printing what it sends
+    pie serve [--host 127.0.0.1] [--port 50051] [--model M] [--dtype bf16] [--quant none] [--executor torch]
+              [--token T] [--max-running N] [--http-port P [--openai-inferlet PATH]] [--allow-http HOST[:PORT]]...
               [--http-concurrency N] [--ray [--workers N] [--hosts N] [--ray-address ADDR] [--device cpu|cuda]]
                                              serve the client gRPC API until Ctrl-C or SIGTERM
                                              (--port 0: any free port; the token may come from PIE_TOKEN);
                                              --http-port: the OpenAI-compatible HTTP API too, on --host;
                                              --allow-http: hosts inferlets may call over HTTP (none by default);
                                              --quant int8|int4: weight-only quantized linears (CPU kernels);
+                                             --executor vllm: vLLM's model code and kernels (`make setup-vllm`,
+                                             then .venv-vllm/bin/pie);
                                              --ray: on Ray actors (a local Ray unless --ray-address)
     pie submit --addr HOST:PORT PROGRAM [--token T] [--metadata K=V] [--prompt-hint TEXT] [-- ARGS...]
                                              upload PROGRAM (.py, built here, or .wasm) to a server, run it,
@@ -39,11 +41,11 @@ def _build(opts) -> int:
 
 def _run(opts) -> int:
     from cluster.runtime.inferlet_host import InferletHost
+    from workers.executors import load_executor
     from workers.load_thread import load_on_thread
-    from workers.torch_executor import TorchExecutor
 
     # on a thread of its own: see workers/load_thread.py
-    executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype, quant=opts.quant))
+    executor = load_on_thread(lambda: load_executor(opts.executor, opts.model, dtype=opts.dtype, quant=opts.quant))
     with InferletHost(executor, http_policy=_http_policy(opts)) as host:
         outcome = host.run(opts.program, opts.args, on_message=lambda m: (sys.stdout.write(m), sys.stdout.flush()))
     print()
@@ -91,11 +93,11 @@ def _embedded_service(opts, max_running: int):
     from cluster.api.grpc_server import InferletService
     from cluster.runtime.inferlet_host import InferletHost
     from cluster.api.program_store import ProgramStore
+    from workers.executors import load_executor
     from workers.load_thread import load_on_thread
-    from workers.torch_executor import TorchExecutor
 
     # on a thread of its own: see workers/load_thread.py
-    executor = load_on_thread(lambda: TorchExecutor.load(opts.model, dtype=opts.dtype, quant=opts.quant))
+    executor = load_on_thread(lambda: load_executor(opts.executor, opts.model, dtype=opts.dtype, quant=opts.quant))
     host = InferletHost(executor, http_policy=_http_policy(opts))
     return InferletService(host, ProgramStore(), max_running), executor.info.name, host.close
 
@@ -112,7 +114,7 @@ def _ray_service(opts, max_running: int):
     else:
         ray.init(address=opts.ray_address)
     spec = ClusterSpec(workers=opts.workers, hosts=opts.hosts, model=opts.model, dtype=opts.dtype,
-                       quant=opts.quant, device=opts.device, max_running=max_running,
+                       quant=opts.quant, executor=opts.executor, device=opts.device, max_running=max_running,
                        worker_resources={"num_gpus": 1} if opts.device == "cuda" else {},
                        bind_address="127.0.0.1" if local else None, http_policy=_http_policy(opts))
     try:
@@ -197,6 +199,14 @@ def _add_quant_option(parser) -> None:
                              "quantized, run by CPU kernels compiled on first use (default: none)")
 
 
+def _add_executor_option(parser) -> None:
+    from workers.executors import EXECUTORS
+
+    parser.add_argument("--executor", default="torch", choices=EXECUTORS,
+                        help="torch: our model code (default); vllm: vLLM's model code and kernels "
+                             "(needs `make setup-vllm`, run from .venv-vllm)")
+
+
 def _metadata(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -222,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model", default=None, help="a .gguf file, a model directory or a hub id (default: SmolLM2)")
     r.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     _add_quant_option(r)
+    _add_executor_option(r)
     _add_http_options(r)
     s = sub.add_parser("serve", help="serve the client gRPC API on the embedded engine, or a Ray cluster (--ray)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -229,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", default=None, help="a .gguf file, a model directory or a hub id (default: SmolLM2)")
     s.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     _add_quant_option(s)
+    _add_executor_option(s)
     s.add_argument("--token", default=os.environ.get("PIE_TOKEN"),
                    help="require `authorization: Bearer TOKEN` on every call (default: $PIE_TOKEN)")
     s.add_argument("--max-running", type=_positive_int, default=None, help="inferlets running at once (default: 224)")
@@ -258,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     opts = ap.parse_args(argv[:split])
     opts.args = argv[split + 1:]
+    if getattr(opts, "executor", "torch") != "torch" and opts.quant != "none":
+        ap.error(f"--quant {opts.quant} is for the torch executor; --executor {opts.executor} reads quantized "
+                 "checkpoints (GPTQ, AWQ, ...) from the model directory itself")
     try:
         return {"build": _build, "run": _run, "serve": _serve, "submit": _submit}[opts.command](opts)
     except (InferletError, WorkerError) as e:

@@ -51,6 +51,7 @@ from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, UNARY_THREADS
 from cluster.api.openai_http import OpenAIFrontend, respond
 from cluster.services.http_client import HttpPolicy, check_allowed_hosts
 from cluster.proto import pie_pb2
+from workers.executors import EXECUTORS
 from workers.torch_executor import QUANTS
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log (logs/serve/replica_*.log)
@@ -111,6 +112,7 @@ class AppArgs:
     model: str | None = None  # a .gguf file, a model directory or a hub id, on every worker node (default SmolLM2)
     dtype: str = "bf16"  # bf16 or fp32
     quant: str = "none"  # none, int8 or int4: the linear layers' weights quantized (CPU kernels only)
+    executor: str = "torch"  # torch (our model code) or vllm (vLLM's; needs vLLM installed on every worker node)
     device: str = "cpu"  # cpu, or cuda: each worker asks Ray for one GPU (num_gpus: 1)
     num_pages: int | None = None  # KV pages per worker (default: the executor's budget)
     page_size: int = 16
@@ -131,8 +133,8 @@ class AppArgs:
 
     def spec(self) -> ClusterSpec:
         return ClusterSpec(workers=self.workers, hosts=self.hosts, model=self.model, dtype=self.dtype,
-                           quant=self.quant, device=self.device, num_pages=self.num_pages, page_size=self.page_size,
-                           torch_threads=self.torch_threads, max_running=self.max_running,
+                           quant=self.quant, executor=self.executor, device=self.device, num_pages=self.num_pages,
+                           page_size=self.page_size, torch_threads=self.torch_threads, max_running=self.max_running,
                            worker_resources={"num_gpus": 1} if self.device == "cuda" else {},
                            bind_address=self.bind_address,
                            http_policy=HttpPolicy(allowed_hosts=tuple(self.allow_http),
@@ -160,6 +162,12 @@ class AppArgs:
             raise ValueError(f"deploy/app.py: args.dtype must be bf16 or fp32, not {parsed.dtype!r}")
         if parsed.quant not in QUANTS:
             raise ValueError(f"deploy/app.py: args.quant must be none, int8 or int4, not {parsed.quant!r}")
+        if parsed.executor not in EXECUTORS:
+            raise ValueError(f"deploy/app.py: args.executor must be {' or '.join(EXECUTORS)}, "
+                             f"not {parsed.executor!r}")
+        if parsed.executor != "torch" and parsed.quant != "none":
+            raise ValueError(f"deploy/app.py: args.quant {parsed.quant} is for the torch executor; keep none with "
+                             f"executor {parsed.executor} (it reads quantized checkpoints from the model directory)")
         if parsed.device not in ("cpu", "cuda"):
             raise ValueError(f"deploy/app.py: args.device must be cpu or cuda, not {parsed.device!r}")
         return parsed

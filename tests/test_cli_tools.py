@@ -1,6 +1,7 @@
 """The command-line tools: workers/' streaming generator (`make run`) and benchmark, `pie run` and
-`pie build`, and what `--quant` reaches in `pie` and the benchmarks under cluster/bench/."""
+`pie build`, and what `--quant` and `--executor` reach in `pie` and the benchmarks under cluster/bench/."""
 import importlib
+import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -87,7 +88,51 @@ def test_pie_passes_quant_to_the_executor(command, executor_loads, capsys):
     assert "invalid choice: 'int3' (choose from 'none', 'int8', 'int4')" in capsys.readouterr().err
 
 
-def test_pie_serve_ray_carries_quant_to_the_cluster_spec(monkeypatch, capsys):
+@pytest.fixture
+def executor_kinds(monkeypatch) -> list[tuple[str, dict]]:
+    """workers.executors.load_executor records (kind, keyword arguments), then fails as a model that cannot be read."""
+    from workers import executors
+
+    loads = []
+
+    def load_executor(kind="torch", model=None, progress=None, **kwargs):
+        loads.append((kind, kwargs))
+        raise ModelLoadError("recorded, not loaded")
+    monkeypatch.setattr(executors, "load_executor", load_executor)
+    return loads
+
+
+@pytest.mark.parametrize("command", [["run", "app.py"], ["serve", "--port", "0"]])
+def test_pie_passes_the_executor_kind_to_the_factory(command, executor_kinds, capsys):
+    from cluster import cli
+
+    assert cli.main([*command, "--executor", "vllm", "--dtype", "fp32"]) == 2  # the recording load's ModelLoadError
+    assert cli.main(command) == 2
+    assert [(kind, load["dtype"], load["quant"]) for kind, load in executor_kinds] == [
+        ("vllm", "fp32", "none"), ("torch", "bf16", "none")]
+    assert "recorded, not loaded" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--executor", "tensorrt"])
+    assert "invalid choice: 'tensorrt' (choose from 'torch', 'vllm')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # vLLM reads quantized checkpoints; our int4 kernels are the torch executor's
+        cli.main([*command, "--executor", "vllm", "--quant", "int4"])
+    assert "--quant int4 is for the torch executor" in capsys.readouterr().err
+    assert len(executor_kinds) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_pie_run_with_the_vllm_executor_says_how_to_install_it(capsys, smollm2):
+    """Without vLLM (the default .venv) the vllm executor is a clean load error naming `make setup-vllm`."""
+    from cluster import cli
+
+    assert cli.main(["run", "inferlets/examples/text_completion.py", "--executor", "vllm", "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "error: the vLLM executor needs vLLM: run `make setup-vllm`" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("option, value, field", [("--quant", "int8", "quant"), ("--executor", "vllm", "executor")])
+def test_pie_serve_ray_carries_quant_and_executor_to_the_cluster_spec(option, value, field, monkeypatch, capsys):
     import ray
 
     from cluster import cli
@@ -101,8 +146,8 @@ def test_pie_serve_ray_carries_quant_to_the_cluster_spec(monkeypatch, capsys):
     monkeypatch.setattr(actors_cluster, "init_local_ray", lambda **options: None)
     monkeypatch.setattr(actors_cluster, "start_cluster", start_cluster)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
-    assert cli.main(["serve", "--ray", "--port", "0", "--quant", "int8"]) == 2
-    assert [spec.quant for spec in specs] == ["int8"]
+    assert cli.main(["serve", "--ray", "--port", "0", option, value]) == 2
+    assert [getattr(spec, field) for spec in specs] == [value]
     assert "recorded, not started" in capsys.readouterr().err
 
 
@@ -117,6 +162,23 @@ def test_benchmarks_pass_quant_to_their_executor(module, executor_loads, monkeyp
     with pytest.raises(ModelLoadError, match="recorded"):
         bench_module.main(["--dtype", "fp32", "--quant", "int8"])
     assert [(load["dtype"], load["quant"]) for load in executor_loads] == [("fp32", "int8")]
+
+
+@pytest.mark.parametrize("module", ["cluster.bench.openai", "cluster.bench.metrics_cost"])
+def test_benchmarks_pass_the_executor_kind_to_the_factory(module, executor_kinds):
+    """The benchmarks with --quant take --executor to workers.executors (through cluster/bench/common.py)."""
+    bench_module = importlib.import_module(module)
+    with pytest.raises(ModelLoadError, match="recorded"):
+        bench_module.main(["--dtype", "fp32", "--executor", "vllm"])
+    assert [(kind, load["dtype"], load["quant"]) for kind, load in executor_kinds] == [("vllm", "fp32", "none")]
+
+
+def test_bench_cluster_embedded_mode_passes_the_executor_kind(executor_kinds):
+    from cluster.bench import cluster as bench_cluster
+
+    with pytest.raises(ModelLoadError, match="recorded"):
+        bench_cluster.embedded("fp32", executor="vllm")
+    assert [(kind, load["dtype"]) for kind, load in executor_kinds] == [("vllm", "fp32")]
 
 
 def test_pie_build_writes_the_component_and_reports_errors(tmp_path, capsys):

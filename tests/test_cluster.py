@@ -411,6 +411,44 @@ def test_the_specs_quant_reaches_each_worker_actors_executor(monkeypatch):
         ClusterSpec(quant="int3")
 
 
+def test_the_specs_executor_reaches_each_worker_actors_executor(monkeypatch):
+    """As above, for the executor kind: the spec's reaches workers.executors.load_executor in each WorkerActor
+    (which never imports vLLM itself). An unknown kind, or --quant on vLLM, is refused before any actor starts."""
+    import torch
+
+    from workers import executors
+
+    actors, loads = [], []
+
+    class RecordingActorClass:
+        def __init__(self, cls):
+            self.cls = cls
+
+        def options(self, **options):
+            return self
+
+        def remote(self, *args, **kwargs):
+            actors.append((self.cls, args, kwargs))
+
+    def load_executor(kind="torch", model=None, progress=None, **kwargs):
+        loads.append((kind, kwargs))
+        raise ModelLoadError("recorded, not loaded")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "remote", RecordingActorClass)
+    monkeypatch.setattr(executors, "load_executor", load_executor)
+    start_cluster(ClusterSpec(workers=2, executor="vllm", torch_threads=torch.get_num_threads()), wait=False)
+    workers = [(args, kwargs) for cls, args, kwargs in actors if cls is WorkerActor]
+    assert [kwargs["executor"] for _, kwargs in workers] == ["vllm", "vllm"]
+    for args, kwargs in workers:
+        assert WorkerActor(*args, **kwargs).load_failure() == "recorded, not loaded"
+    assert [(kind, load["quant"]) for kind, load in loads] == [("vllm", "none"), ("vllm", "none")]
+    assert ClusterSpec().executor == "torch"
+    with pytest.raises(ValueError, match=r"ClusterSpec.executor must be one of \['torch', 'vllm'\], not 'nope'"):
+        ClusterSpec(executor="nope")
+    with pytest.raises(ValueError, match="ClusterSpec.quant 'int4' is for the torch executor"):
+        ClusterSpec(executor="vllm", quant="int4")
+
+
 def test_bench_cluster_measures_both_modes(cluster, smollm2, tmp_path, capsys, monkeypatch):
     """python -m cluster.bench.cluster at its smallest. Its cluster mode joins this module's actors (same
     names) instead of starting a Ray of its own, and its embedded mode runs on the session's model."""

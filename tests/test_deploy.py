@@ -103,6 +103,8 @@ def test_configs_name_the_servicer_builder_and_known_args(name):
     spec = AppArgs.parse(app["args"]).spec()
     assert spec.worker_resources == ({"num_gpus": 1} if spec.device == "cuda" else {})
     assert app["args"]["quant"] == spec.quant == "none"  # int8 / int4 are CPU kernels: set per deployment
+    # the GPU cluster runs vLLM's model code and kernels; the CPU config ours
+    assert app["args"]["executor"] == spec.executor == ("vllm" if spec.device == "cuda" else "torch")
     assert app["deployments"][0]["num_replicas"] == 1
 
 
@@ -115,11 +117,20 @@ def test_bad_args_are_refused_naming_the_arg():
         AppArgs.parse({"workers": 0})
     with pytest.raises(ValueError, match="args.quant must be none, int8 or int4, not 'q4'"):
         AppArgs.parse({"quant": "q4"})
+    with pytest.raises(ValueError, match="args.executor must be torch or vllm, not 'nope'"):
+        AppArgs.parse({"executor": "nope"})
+    with pytest.raises(ValueError, match="args.quant int4 is for the torch executor"):
+        AppArgs.parse({"executor": "vllm", "quant": "int4"})
 
 
 def test_the_quant_arg_reaches_the_cluster_spec():
     assert AppArgs.parse({"quant": "int4"}).spec().quant == "int4"
     assert AppArgs.parse({}).spec().quant == "none"
+
+
+def test_the_executor_arg_reaches_the_cluster_spec():
+    assert AppArgs.parse({"executor": "vllm"}).spec().executor == "vllm"
+    assert AppArgs.parse({}).spec().executor == "torch"
 
 
 def test_cluster_file_is_a_valid_ray_cluster_config():

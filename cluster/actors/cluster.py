@@ -28,6 +28,7 @@ from cluster.api.grpc_server import DEFAULT_MAX_RUNNING
 from cluster.api.program_store import ProgramStore
 from cluster.services.http_client import HttpPolicy
 from workers.errors import ModelLoadError
+from workers.executors import EXECUTORS
 from workers.torch_executor import QUANTS
 
 WORKER_NAME = "pie-worker-{}"
@@ -43,6 +44,7 @@ class ClusterSpec:
     model: str | None = None  # a .gguf file, a model directory or a hub id (default: SmolLM2)
     dtype: str = "bf16"
     quant: str = "none"  # the linear layers' weights: none, or int8 / int4 weight-only quantized (CPU kernels)
+    executor: str = "torch"  # the workers' model code: torch (ours) or vllm (vLLM's; needs the vllm install)
     device: str = "cpu"  # "cuda" on GPU workers
     num_pages: int | None = None  # KV pages per worker (default: the executor's budget)
     page_size: int = 16
@@ -65,6 +67,11 @@ class ClusterSpec:
         # checked here, before any actor starts: a worker that raised it would be restarted by Ray forever
         if self.quant not in QUANTS:
             raise ValueError(f"ClusterSpec.quant must be one of {list(QUANTS)}, not {self.quant!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"ClusterSpec.executor must be one of {list(EXECUTORS)}, not {self.executor!r}")
+        if self.executor != "torch" and self.quant != "none":
+            raise ValueError(f"ClusterSpec.quant {self.quant!r} is for the torch executor; the {self.executor} "
+                             "executor reads quantized checkpoints from the model directory itself")
 
 
 class Cluster:
@@ -163,8 +170,8 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
         name=WORKER_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
         num_cpus=0, max_concurrency=8, runtime_env={"env_vars": threads_env}, **spec.worker_resources,
     ).remote(f"worker-{i}", DIRECTORY_NAME, model=spec.model, dtype=spec.dtype, quant=spec.quant,
-              num_pages=spec.num_pages, torch_threads=threads, policy=spec.policy, device=spec.device,
-              address=spec.bind_address)
+              executor=spec.executor, num_pages=spec.num_pages, torch_threads=threads, policy=spec.policy,
+              device=spec.device, address=spec.bind_address)
         for i in range(spec.workers)]
     hosts = [ray.remote(HostActor).options(
         name=HOST_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,

@@ -1,14 +1,15 @@
 """A GPU worker as a Ray actor: one executor and its KV pages, serving handler calls to every host.
 
-The actor loads the model (on a short-lived thread, see workers/load_thread.py), wraps it in a
+The actor loads the model into an executor of the kind it is given (workers/executors.py: "torch", ours,
+or "vllm", vLLM's model code) on a short-lived thread (see workers/load_thread.py), wraps it in a
 LocalWorker (the batcher and the page registry) and serves it over the handler-call service on
 its node's address. It joins the directory under its worker id with that address, and reports
 its free pages every LOAD_REPORT_S for placement; a directory that Ray restarted (empty) does not know
 it, and it joins again (ending its exports, whose names are gone). Ray restarts it when it dies: the new process
 loads the model again and joins again, empty, at a new address; hosts that lost the old one
 have marked it dead meanwhile, so nothing is placed on it until it is back. A model that cannot be
-loaded (ModelLoadError) is not a reason to restart: the actor stays up without joining and
-`load_failure()` says why (start_cluster's wait reports it).
+loaded (ModelLoadError; a node without vLLM for the vllm executor too) is not a reason to restart: the
+actor stays up without joining and `load_failure()` says why (start_cluster's wait reports it).
 """
 from __future__ import annotations
 
@@ -34,14 +35,15 @@ class WorkerActor:
     def __init__(self, worker_id: str, directory_name: str = DIRECTORY_NAME, model: str | None = None,
                  dtype: str = "bf16", num_pages: int | None = None, torch_threads: int | None = None,
                  policy: BatchPolicy = BatchPolicy(), device: str = "cpu", address: str | None = None,
-                 quant: str = "none"):
+                 quant: str = "none", executor: str = "torch"):
         """`address`: where to serve handler calls (default: the node's address, for other nodes' hosts);
-        `quant`: the linear layers' weights (workers.torch_executor.QUANTS)."""
+        `quant`: the linear layers' weights (workers.torch_executor.QUANTS); `executor`: which executor runs
+        the model (workers.executors.EXECUTORS: torch, ours, or vllm, which needs vLLM on the worker's node)."""
         import ray
         import torch
 
+        from workers.executors import load_executor
         from workers.load_thread import load_on_thread
-        from workers.torch_executor import TorchExecutor
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         if torch_threads:
@@ -50,20 +52,20 @@ class WorkerActor:
         self.worker_id = worker_id
         self.load_error: str | None = None
         try:
-            executor = load_on_thread(lambda: TorchExecutor.load(model, **options))
+            loaded = load_on_thread(lambda: load_executor(executor, model, **options))
         except ModelLoadError as e:
             # a model that cannot be found or read will not load after a restart either: raising here
             # would have Ray restart the actor forever. It stays up, serves nothing and says why.
             self.load_error = str(e)
             log.error("worker %s cannot load its model: %s", worker_id, e)
             return
-        self.worker = LocalWorker(executor, policy)
+        self.worker = LocalWorker(loaded, policy)
         status.watch_worker(worker_id, self.worker)  # its KV pages on its metrics
         self.directory = DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE))
         self.server = WorkerServer(self.worker, address=address or ray.util.get_node_ip_address(),
                                    token=self.directory.internal_token())  # only the cluster's hosts
         self._join()
-        log.info("worker %s serves %s (%d KV pages) at %s", worker_id, executor.info.name, executor.info.num_pages,
+        log.info("worker %s serves %s (%d KV pages) at %s", worker_id, loaded.info.name, loaded.info.num_pages,
                  self.server.target)
         threading.Thread(target=self._report_load, name="report-load", daemon=True).start()
         niceness = os.getpriority(os.PRIO_PROCESS, 0)

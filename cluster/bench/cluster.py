@@ -30,6 +30,7 @@ from cluster.api.grpc_client import Failed, Message, PieClient
 from cluster.api.grpc_server import serve_service
 from cluster.runtime.inferlet_build import build
 from cluster.bench.common import run_concurrently
+from workers.executors import EXECUTORS
 
 PROGRAM = Path(__file__).resolve().parents[2] / "inferlets" / "examples" / "text_completion.py"
 PROMPTS = ("What is the capital of France?", "Name three primary colors.", "Why is the sky blue?",
@@ -72,19 +73,19 @@ def step_stats(steps: list[tuple[int, float]]) -> dict:
     return {"passes_per_step": statistics.mean(p for p, _ in steps), "exec_ms": 1e3 * statistics.mean(e for _, e in steps)}
 
 
-def embedded(dtype: str, torch_threads: int | None = None, quant: str = "none"):
+def embedded(dtype: str, torch_threads: int | None = None, quant: str = "none", executor: str = "torch"):
     """`pie serve`'s stack in this process; returns (target, stop, steps)."""
     import torch
 
     from cluster.api.grpc_server import InferletService
     from cluster.runtime.inferlet_host import InferletHost
     from cluster.api.program_store import ProgramStore
+    from workers.executors import load_executor
     from workers.load_thread import load_on_thread
-    from workers.torch_executor import TorchExecutor
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    host = InferletHost(load_on_thread(lambda: TorchExecutor.load(None, dtype=dtype, quant=quant)))
+    host = InferletHost(load_on_thread(lambda: load_executor(executor, None, dtype=dtype, quant=quant)))
     server = serve_service(InferletService(host, ProgramStore()), port=0)
     def steps():  # the steps since the last call
         history = host.worker.batcher.steps
@@ -94,15 +95,16 @@ def embedded(dtype: str, torch_threads: int | None = None, quant: str = "none"):
     return server.target, lambda: (server.stop(0), host.close()), steps
 
 
-def clustered(dtype: str, workers: int, torch_threads: int | None = None, quant: str = "none"):
+def clustered(dtype: str, workers: int, torch_threads: int | None = None, quant: str = "none",
+              executor: str = "torch"):
     """`pie serve --ray`'s stack on a local Ray; returns (target, stop, steps)."""
     import ray
 
     from cluster.actors.cluster import ClusterSpec, init_local_ray, start_cluster
 
     init_local_ray(log_to_driver=False)
-    cluster = start_cluster(ClusterSpec(workers=workers, hosts=1, dtype=dtype, quant=quant, bind_address="127.0.0.1",
-                                        torch_threads=torch_threads))
+    cluster = start_cluster(ClusterSpec(workers=workers, hosts=1, dtype=dtype, quant=quant, executor=executor,
+                                        bind_address="127.0.0.1", torch_threads=torch_threads))
     server = serve_service(cluster.gateway_service(), port=0)
     steps = lambda: [s for w in cluster.workers for s in ray.get(w.steps.remote(drain=True))]
     return server.target, lambda: (server.stop(0), ray.shutdown()), steps
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"], help="weight format (workers/quant)")
+    ap.add_argument("--executor", default="torch", choices=EXECUTORS,
+                    help="both sides' executor: torch (ours) or vllm (vLLM's model code; needs `make setup-vllm`)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="threads of each side's step (default: the machine's cores); fewer leave cores to the rest")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -123,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     program = build(PROGRAM)
     results: dict = {"cores": os.cpu_count(), "tokens": opts.tokens, "workers": opts.workers,
                      "torch_threads": opts.torch_threads, "rows": {}, "repeats": []}
-    starts = {"embedded": lambda: embedded(opts.dtype, opts.torch_threads, opts.quant),
-              "cluster": lambda: clustered(opts.dtype, opts.workers, opts.torch_threads, opts.quant)}
+    starts = {"embedded": lambda: embedded(opts.dtype, opts.torch_threads, opts.quant, opts.executor),
+              "cluster": lambda: clustered(opts.dtype, opts.workers, opts.torch_threads, opts.quant, opts.executor)}
     runs: dict[str, list[dict]] = {}
     for r in range(opts.repeats):  # each repeat runs both modes, first one then the other, alternating
         order = ("embedded", "cluster") if r % 2 == 0 else ("cluster", "embedded")

@@ -13,17 +13,19 @@ from workers.executor import Executor
 
 
 def load_executor(num_pages: int, torch_threads: int | None = None, dtype: str = "bf16",
-                  quant: str = "none") -> Executor:
+                  quant: str = "none", executor: str = "torch") -> Executor:
     """The default model on the CPU with `num_pages` KV pages and `quant` linear weights
-    (workers.torch_executor.QUANTS), loaded on a short-lived thread (workers/load_thread.py says why)."""
+    (workers.torch_executor.QUANTS) in an `executor` executor (workers.executors.EXECUTORS), loaded
+    on a short-lived thread (workers/load_thread.py says why)."""
     import torch
 
+    from workers import executors
     from workers.load_thread import load_on_thread
-    from workers.torch_executor import TorchExecutor
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    return load_on_thread(lambda: TorchExecutor.load(None, dtype=dtype, quant=quant, num_pages=num_pages))
+    return load_on_thread(lambda: executors.load_executor(executor, None, dtype=dtype, quant=quant,
+                                                          num_pages=num_pages))
 
 
 class DelegatingExecutor(Executor):

@@ -1,6 +1,7 @@
 """What the step loop's Prometheus metrics cost against the step they count, in one run.
 
     .venv/bin/python -m cluster.bench.metrics_cost [--batches 1,8,32] [--tokens 16] [--dtype fp32] [--quant none]
+                                                     [--executor torch]
 
 For each batch size: the time of a decode step on the real model (the plain decode loop, the median
 of --tokens steps while every sequence runs) and the time of the batcher's per-step metrics (`_count_step`:
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 from cluster.bench.common import DelegatingExecutor, load_executor
 from cluster.worker.batcher import _count_step
 from workers.decode_loop import generate
+from workers.executors import EXECUTORS
 
 
 def metrics_us(batch: int, calls: int = 20_000) -> float:
@@ -59,10 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
                     help="the linear layers' weights: none, or int8 / int4 weight-only quantized (CPU kernels)")
+    ap.add_argument("--executor", default="torch", choices=EXECUTORS,
+                    help="torch: our model code; vllm: vLLM's model code and kernels (needs `make setup-vllm`)")
     opts = ap.parse_args(argv)
     batches = [int(b) for b in opts.batches.split(",")]
-    print(f"[metrics-cost] loading the model ({opts.dtype}, quant {opts.quant}) ...", flush=True)
-    executor = load_executor(num_pages=max(batches) * 8 + 64, dtype=opts.dtype, quant=opts.quant)
+    print(f"[metrics-cost] loading the model ({opts.dtype}, quant {opts.quant}, {opts.executor} executor) ...",
+          flush=True)
+    executor = load_executor(num_pages=max(batches) * 8 + 64, dtype=opts.dtype, quant=opts.quant,
+                             executor=opts.executor)
     print(f"{'batch':>6}{'step ms':>10}{'metrics us':>12}{'share':>9}")
     for batch in batches:
         ms, us = step_ms(executor, batch, opts.tokens), metrics_us(batch)

@@ -2,7 +2,7 @@
 text_completion inferlet and the plain decode loop, at each concurrency, in one run.
 
     python -m cluster.bench.openai [--concurrency 1 16] [--tokens 32] [--repeats 3] [--dtype bf16] [--quant none]
-                                   [--json OUT]
+                                   [--executor torch] [--json OUT]
 
 One executor (bf16, one model load), one host, one InferletService behind both APIs, all in this
 process, clients included (a thread per request: the openai client streaming
@@ -32,6 +32,7 @@ from cluster.bench.common import load_executor, run_concurrently
 from cluster.bench.tax import PROGRAM, prompts_for, run_plain, summary
 from cluster.runtime.inferlet_build import build
 from cluster.runtime.inferlet_host import InferletHost
+from workers.executors import EXECUTORS
 
 SIDES = ("plain", "grpc", "http")
 _keys = itertools.count()
@@ -99,12 +100,14 @@ def main(argv=None) -> int:
                     help="the executor's (fp32 runs ~3x faster than bf16 on CPUs without AVX-512)")
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
                     help="the linear layers' weights: none, or int8 / int4 weight-only quantized (CPU kernels)")
+    ap.add_argument("--executor", default="torch", choices=EXECUTORS,
+                    help="torch: our model code; vllm: vLLM's model code and kernels (needs `make setup-vllm`)")
     ap.add_argument("--json", default=None)
     opts = ap.parse_args(argv)
     if opts.tokens < 2:
         ap.error("--tokens must be at least 2 (TPOT is measured after the first token)")
     executor = load_executor(max(opts.concurrency) * (-(-(64 + opts.tokens) // 16) + 1) + 64, dtype=opts.dtype,
-                             quant=opts.quant)
+                             quant=opts.quant, executor=opts.executor)
     rows = []
     with InferletHost(executor) as host:
         service = InferletService(host, ProgramStore())
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
               f"**{row['http_vs_grpc_tpot']:.3f}x** | | |")
     if opts.json:
         Path(opts.json).write_text(json.dumps({"tokens": opts.tokens, "repeats": opts.repeats, "dtype": opts.dtype,
-                                               "quant": opts.quant, "rows": rows}, indent=1))
+                                               "quant": opts.quant, "executor": opts.executor,
+                                               "rows": rows}, indent=1))
     return 0
 
 
