@@ -103,14 +103,16 @@ run-vllm: setup-vllm
 
 # the executor-contract tests and the inferlet examples on the vLLM executor (PIE_TEST_EXECUTORS, see
 # tests/conftest.py), and the vLLM-vs-torch comparisons of tests/test_vllm_executor.py
-VLLM_TESTS ?= tests/test_vllm_executor.py tests/test_paged_attention.py tests/test_masks.py tests/test_validation.py \
+VLLM_TESTS ?= tests/test_vllm_executor.py tests/test_vllm_cluster.py tests/test_paged_attention.py tests/test_masks.py tests/test_validation.py \
 	tests/test_sampling.py tests/test_kv_pages.py tests/test_decode_loop.py tests/test_gguf_reference.py \
 	tests/test_prefix_cache.py tests/test_batching.py tests/test_examples.py
 test-vllm: setup-vllm
 	PIE_TEST_EXECUTORS=vllm $(VPY) -m pytest -q $(VLLM_TESTS)
 
 bench-vllm: setup-vllm
-	$(VPY) -m workers.bench --executor vllm --dtypes bf16,fp32 --json docs/bench-vllm-latest.json
+	$(VPY) -m pip install -q --disable-pip-version-check "matplotlib>=3.8"
+	$(VPY) -m workers.bench --executor vllm --dtypes bf16,fp32 --json docs/bench-vllm-latest.json \
+		--png docs/bench-vllm-latest.png
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -112,3 +112,24 @@ def test_bad_options_are_refused_before_loading(smollm2, kwargs, needle):
 
     with pytest.raises(ValueError, match=needle):
         VllmExecutor.from_loaded(smollm2, **kwargs)
+
+
+def test_bench_rows_for_pie_vllm_and_vllms_engine(tmp_path, session_cache_dir):
+    """`python -m workers.bench --executor vllm` measures pie-vllm, pie-torch and vLLM's own engine in one run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "PIE_CACHE_DIR": session_cache_dir}
+    done = subprocess.run([sys.executable, "-m", "workers.bench", "--executor", "vllm", "--dtypes", "fp32",
+                           "--batches", "2", "--tokens", "4", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    decode = {r["system"]: r["decode_tok_s"] for r in rows if r["decode_tok_s"] is not None}
+    prefill = {r["system"]: r["prefill_tok_s"] for r in rows if r["prefill_tok_s"] is not None}
+    for system in ("pie-vllm", "pie-torch", "vllm-engine", "vllm-engine-1p"):
+        assert decode[system] > 0 and prefill[system] > 0, (system, rows)
+    assert "vs vllm engine" in done.stdout and "vs engine 1p" in done.stdout

@@ -15,7 +15,8 @@ adds llama.cpp on the same GGUF file (batch 1), run by workers/bench_llamacpp.py
 interpreter that has llama-cpp-python (../shared/peers/setup.sh llamacpp builds one).
 --executor vllm (run from .venv-vllm) adds, per dtype, the vLLM executor (workers/vllm_exec: vLLM's model
 and kernels under our batches) and vLLM's own engine on the same weights and prompt tokens
-(workers/bench_vllm_engine.py, in a subprocess), beside the torch executor and transformers.
+(workers/bench_vllm_engine.py, in a subprocess), beside the torch executor and transformers: the engine
+as it ships (its core in a second process) and with its core in-process ("vllm-engine-1p", as ours runs).
 """
 from __future__ import annotations
 
@@ -144,17 +145,18 @@ def print_table(rows: list[dict]) -> None:
     to llama.cpp."""
     hf = {(r["dtype"], *_key(r)): r for r in rows if r["system"] == "transformers"}
     engine = {(r["dtype"], *_key(r)): r for r in rows if r["system"] == "vllm-engine"}
+    engine_1p = {(r["dtype"], *_key(r)): r for r in rows if r["system"] == "vllm-engine-1p"}
     bf16 = {_key(r): r for r in rows if r["system"] == "pie-torch" and r["dtype"] == "bf16" and r["quant"] == "none"}
     llama = {_key(r): r for r in rows if r["system"] == "llama.cpp"}
-    print(f"{'system':<13}{'dtype':<6}{'quant':<6}{'batch':>6}{'decode tok/s':>14}{'prefill tok/s':>15}"
-          f"{'vs transformers':>17}{'vs pie bf16':>13}{'vs llama.cpp':>14}{'vs vllm engine':>16}")
+    print(f"{'system':<15}{'dtype':<6}{'quant':<6}{'batch':>6}{'decode tok/s':>14}{'prefill tok/s':>15}"
+          f"{'vs transformers':>17}{'vs pie bf16':>13}{'vs llama.cpp':>14}{'vs vllm engine':>16}{'vs engine 1p':>14}")
     for r in rows:
         metric = "prefill_tok_s" if r["decode_tok_s"] is None else "decode_tok_s"
         ratio = lambda peer: f"{r[metric] / peer[metric]:.2f}x" if peer and peer is not r else ""
-        print(f"{r['system']:<13}{r['dtype']:<6}{r['quant']:<6}{r['batch']:>6}{_fmt(r['decode_tok_s']):>14}"
+        print(f"{r['system']:<15}{r['dtype']:<6}{r['quant']:<6}{r['batch']:>6}{_fmt(r['decode_tok_s']):>14}"
               f"{_fmt(r['prefill_tok_s']):>15}{ratio(hf.get((r['dtype'], *_key(r)))):>17}"
               f"{ratio(bf16.get(_key(r))):>13}{ratio(llama.get(_key(r))):>14}"
-              f"{ratio(engine.get((r['dtype'], *_key(r)))):>16}")
+              f"{ratio(engine.get((r['dtype'], *_key(r)))):>16}{ratio(engine_1p.get((r['dtype'], *_key(r)))):>14}")
 
 
 def chart(rows: list[dict], path: str) -> None:
@@ -183,23 +185,28 @@ def chart(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def bench_vllm_engine(model: LoadedModel, dtype: str, batches: list[int], tokens: int) -> list[dict]:
-    """vLLM's own engine on the weights the vLLM executor loads, fed the same prompt tokens, in a subprocess."""
+def bench_vllm_engine(model: LoadedModel, dtype: str, batches: list[int], tokens: int,
+                      one_process: bool = False) -> list[dict]:
+    """vLLM's own engine on the weights the vLLM executor loads, fed the same prompt tokens, in a subprocess;
+    `one_process`: its engine core in that process too (VLLM_ENABLE_V1_MULTIPROCESSING=0), as ours runs."""
     model_dir = model.cache_dir or model.source
     tok = Tokenizer(model.tokenizer)
     prompts = {"decode": {str(b): [tok.encode(tok.apply_chat_template(m)) for m in _prompt_texts(b)] for b in batches},
                "prefill": _prefill_ids().tolist()}
     script = os.path.join(os.path.dirname(__file__), "bench_vllm_engine.py")
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        json.dump(prompts, f)
-        f.flush()
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "prompts.json"), "w") as f:
+            json.dump(prompts, f)
+        out = os.path.join(tmp, "rows.json")
         done = subprocess.run([sys.executable, script, model_dir, dtype, str(tokens), ",".join(map(str, batches)),
-                               f.name], capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-3:] or ["(no output)"]
-        raise SystemExit(f"--executor vllm: vLLM's engine failed ({' | '.join(tail)}); run from .venv-vllm "
-                         "(make setup-vllm)")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+                               f.name, out], capture_output=True, text=True,
+                              env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if one_process else "1"})
+        if done.returncode != 0 or not os.path.exists(out):
+            tail = done.stderr.strip().splitlines()[-3:] or ["(no output)"]
+            raise SystemExit(f"--executor vllm: vLLM's engine failed ({' | '.join(tail)}); run from .venv-vllm "
+                             "(make setup-vllm)")
+        with open(out) as f:
+            return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,8 +249,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[bench] pie-torch {dtype} quant={quant} ...", file=sys.stderr)
             rows += bench_executor(model, dtype, batches, tokens, quant)
         if args.executor == "vllm":
-            print(f"[bench] vllm-engine {dtype} (its own process) ...", file=sys.stderr)
-            rows += bench_vllm_engine(model, dtype, batches, tokens)
+            for one_process in (False, True):
+                print(f"[bench] vllm-engine {dtype} (a subprocess; engine core {'in it' if one_process else 'apart'}) ...",
+                      file=sys.stderr)
+                rows += bench_vllm_engine(model, dtype, batches, tokens, one_process)
             print(f"[bench] pie-vllm {dtype} ...", file=sys.stderr)
             rows += bench_executor(model, dtype, batches, tokens, kind="vllm")
         if have_hf:

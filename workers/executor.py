@@ -2,7 +2,8 @@
 
 An executor owns a model and its paged KV cache. Callers allocate pages, describe each
 step as a StepBatch (see workers.step_types for the exact semantics) and get a StepOutput
-back. Implementations: TorchExecutor (our model code), and a vLLM-backed one later.
+back. Implementations: TorchExecutor (our model code) and VllmExecutor (vLLM's model code and kernels,
+workers/vllm_exec), both by name through workers.executors.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class ModelInfo:
     dtype: str  # "bf16" or "fp32"
     device: str
     quant: str = "none"  # weight format of the linear layers: "none", "int8" or "int4"
+    executor: str = "torch"  # which executor runs the model (workers.executors.EXECUTORS)
 
 
 class Executor(ABC):

@@ -16,7 +16,7 @@ from workers.step_types import StepBatch
 from workers.tokenizer import Tokenizer, TokenizerSpec
 from workers.vllm_exec.attention_impl import StepAttentionImpl, has_torch_path
 from workers.vllm_exec.kv_store import bind_kv_cache
-from workers.vllm_exec.model_setup import VLLM_DTYPES, load_vllm_model
+from workers.vllm_exec.model_setup import VLLM_DTYPES, import_vllm, load_vllm_model
 from workers.vllm_exec.step_plan import plan_step
 
 DEFAULT_KV_BUDGET = 1 << 30  # bytes, as for the torch executor
@@ -61,7 +61,7 @@ class VllmExecutor(PagedExecutor):
                          architecture=getattr(mc.hf_config, "model_type", "unknown"),
                          vocab_size=mc.get_vocab_size(), page_size=page_size, num_pages=int(num_pages),
                          max_position=mc.max_model_len, stop_token_ids=tokenizer.stop_token_ids, dtype=dtype,
-                         device=str(self._device), quant="none")
+                         device=str(self._device), quant="none", executor="vllm")
         self._setup_pages(info, kv, Tokenizer(tokenizer), self._device, seed, sliding_window)
 
     @classmethod
@@ -78,6 +78,7 @@ class VllmExecutor(PagedExecutor):
     def load(cls, model: str | None = None, progress: ProgressFn | None = None, **kwargs) -> VllmExecutor:
         """A GGUF file (ours) is converted once into the weight cache for vLLM to read; a model directory
         goes to vLLM as it is, so any architecture and quantization vLLM supports can be served."""
+        import_vllm()  # fail before converting a model we could not run
         kind, path = resolve(model)
         if kind == "gguf":
             return cls.from_loaded(load_model(model, progress), **kwargs)

@@ -20,6 +20,7 @@ from cluster.bench.agentic.workload import Env, run_client_loop, run_inferlets
 from cluster.bench.common import load_executor
 from cluster.runtime.inferlet_host import InferletHost
 from cluster.services.http_client import HttpPolicy
+from workers.executors import EXECUTORS
 
 WORKLOADS = {w.name: w for w in (REACT, CODEACT, SWARM, TREE, BEAM)}
 
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
                     help="the executor's (fp32 runs ~3x faster than bf16 on CPUs without AVX-512)")
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"],
                     help="the linear layers' weights: none, or int8 / int4 weight-only quantized (CPU kernels)")
+    ap.add_argument("--executor", default="torch", choices=EXECUTORS,
+                    help="torch: our model code; vllm: vLLM's model code and kernels (run from .venv-vllm)")
     ap.add_argument("--openai-url", default=None, help="drive this OpenAI endpoint's client loop instead of ours")
     ap.add_argument("--openai-model", default=None, help="with --openai-url: the model name it serves")
     ap.add_argument("--json", default=None)
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
     chosen = [(WORKLOADS[w], sizes_for(WORKLOADS[w], opts)) for w in opts.workloads.split(",")]
     tool = start_tool(opts.tool_ms / 1e3)
     tool_url = f"http://127.0.0.1:{tool.server_address[1]}/"
-    executor = load_executor(max(pages_needed(s) for _, s in chosen) + 256, dtype=opts.dtype, quant=opts.quant)
+    executor = load_executor(max(pages_needed(s) for _, s in chosen) + 256, dtype=opts.dtype, quant=opts.quant,
+                             executor=opts.executor)
     policy = HttpPolicy(allowed_hosts=(f"127.0.0.1:{tool.server_address[1]}",))
     results, failures = {}, {}
     with InferletHost(executor, http_policy=policy) as host:
@@ -97,12 +101,13 @@ def main(argv=None) -> int:
                 http.stop()
     tool.shutdown()
     weights = opts.dtype if opts.quant == "none" else f"{opts.dtype}, {opts.quant}"
+    weights += "" if opts.executor == "torch" else f", {opts.executor} executor"
     print(f"\nAgentic workloads, {weights}, client loop over {url}:")
     print(table(results))
     for name, error in failures.items():
         print(f"{name} failed: {error}")
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"dtype": opts.dtype, "quant": opts.quant, "client_loop_server": url,
+        Path(opts.json).write_text(json.dumps({"dtype": opts.dtype, "quant": opts.quant, "executor": opts.executor, "client_loop_server": url,
                                                "workloads": results, "failures": failures}, indent=1))
     if opts.png and results:
         chart(results, opts.png, f"Inferlet vs client loop over an OpenAI API ({weights}, same host)")
