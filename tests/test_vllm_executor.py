@@ -133,3 +133,36 @@ def test_bench_rows_for_pie_vllm_and_vllms_engine(tmp_path, session_cache_dir):
     for system in ("pie-vllm", "pie-torch", "vllm-engine", "vllm-engine-1p"):
         assert decode[system] > 0 and prefill[system] > 0, (system, rows)
     assert "vs vllm engine" in done.stdout and "vs engine 1p" in done.stdout
+
+
+def test_a_model_directory_goes_to_vllm_as_it_is(smollm2, pair, chat_ids, tmp_path):
+    """VllmExecutor.load(directory) hands the directory to vLLM (any architecture it supports) and reads only
+    the tokenizer itself: a Hugging Face directory of the same weights gives the same log-probs."""
+    import json
+    import os
+
+    from workers.vllm_exec.executor import VllmExecutor
+
+    vx, _ = pair
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):  # what a Hugging Face directory holds
+        os.symlink(os.path.join(smollm2.cache_dir, name), tmp_path / name)
+    spec = smollm2.tokenizer
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": spec.eos_token, "bos_token": spec.bos_token, "chat_template": spec.chat_template}))
+    direct = VllmExecutor.load(str(tmp_path), dtype="fp32", page_size=16, num_pages=8)
+    assert direct.info.architecture == "llama" and direct.info.stop_token_ids == vx.info.stop_token_ids
+    assert direct.tokenizer.encode("Paris") == vx.tokenizer.encode("Paris")
+    with allocated(direct, 3) as p:
+        got = step_logprobs(direct, [logprobs_request(direct, chat_ids, p, outputs=[len(chat_ids) - 1])])[0]
+    with allocated(vx, 3) as p:
+        want = step_logprobs(vx, [logprobs_request(vx, chat_ids, p, outputs=[len(chat_ids) - 1])])[0]
+    assert max_abs_diff(got, want) < 1e-5  # the same weights through the same code
+
+
+def test_a_directory_vllm_cannot_read_fails_naming_it(tmp_path):
+    from workers.errors import ModelLoadError
+    from workers.vllm_exec.executor import VllmExecutor
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="vLLM cannot serve"):
+        VllmExecutor(str(tmp_path), tokenizer=None, name="empty")
