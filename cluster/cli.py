@@ -30,6 +30,7 @@ import threading
 
 from cluster.errors import InferletError
 from workers.errors import WorkerError
+from workers.executors import quant_refusal
 
 
 def _build(opts) -> int:
@@ -270,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     opts = ap.parse_args(argv[:split])
     opts.args = argv[split + 1:]
-    if getattr(opts, "executor", "torch") != "torch" and opts.quant != "none":
-        ap.error(f"--quant {opts.quant} is for the torch executor; --executor {opts.executor} reads quantized "
-                 "checkpoints (GPTQ, AWQ, ...) from the model directory itself")
+    why = quant_refusal(getattr(opts, "executor", "torch"), getattr(opts, "quant", "none"))
+    if why:
+        ap.error(f"--quant {opts.quant} {why}")
     try:
         return {"build": _build, "run": _run, "serve": _serve, "submit": _submit}[opts.command](opts)
     except (InferletError, WorkerError) as e:

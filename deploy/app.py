@@ -51,7 +51,7 @@ from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, UNARY_THREADS
 from cluster.api.openai_http import OpenAIFrontend, respond
 from cluster.services.http_client import HttpPolicy, check_allowed_hosts
 from cluster.proto import pie_pb2
-from workers.executors import EXECUTORS
+from workers.executors import EXECUTORS, quant_refusal
 from workers.torch_executor import QUANTS
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log (logs/serve/replica_*.log)
@@ -165,9 +165,9 @@ class AppArgs:
         if parsed.executor not in EXECUTORS:
             raise ValueError(f"deploy/app.py: args.executor must be {' or '.join(EXECUTORS)}, "
                              f"not {parsed.executor!r}")
-        if parsed.executor != "torch" and parsed.quant != "none":
-            raise ValueError(f"deploy/app.py: args.quant {parsed.quant} is for the torch executor; keep none with "
-                             f"executor {parsed.executor} (it reads quantized checkpoints from the model directory)")
+        why = quant_refusal(parsed.executor, parsed.quant)
+        if why:
+            raise ValueError(f"deploy/app.py: args.quant {parsed.quant} {why}")
         if parsed.device not in ("cpu", "cuda"):
             raise ValueError(f"deploy/app.py: args.device must be cpu or cuda, not {parsed.device!r}")
         return parsed

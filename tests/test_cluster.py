@@ -376,14 +376,9 @@ def test_a_worker_that_cannot_load_its_model_says_why_and_is_not_restarted(clust
         ray.kill(bad, no_restart=True)
 
 
-def test_the_specs_quant_reaches_each_worker_actors_executor(monkeypatch):
-    """start_cluster's arguments to each WorkerActor, given to the class in this process (no Ray): the
-    spec's quant reaches TorchExecutor.load. An unknown quant is refused before any actor starts."""
-    import torch
-
-    from workers.torch_executor import TorchExecutor
-
-    actors, loads = [], []
+def worker_actor_arguments(monkeypatch, spec: ClusterSpec) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) start_cluster(spec) gives each WorkerActor, recorded instead of starting actors (no Ray)."""
+    actors = []
 
     class RecordingActorClass:  # ray.remote(cls).options(...).remote(*args, **kwargs)
         def __init__(self, cls):
@@ -395,14 +390,27 @@ def test_the_specs_quant_reaches_each_worker_actors_executor(monkeypatch):
         def remote(self, *args, **kwargs):
             actors.append((self.cls, args, kwargs))
 
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "remote", RecordingActorClass)
+    start_cluster(spec, wait=False)
+    return [(args, kwargs) for cls, args, kwargs in actors if cls is WorkerActor]
+
+
+def test_the_specs_quant_reaches_each_worker_actors_executor(monkeypatch):
+    """start_cluster's arguments to each WorkerActor, given to the class in this process (no Ray): the
+    spec's quant reaches TorchExecutor.load. An unknown quant is refused before any actor starts."""
+    import torch
+
+    from workers.torch_executor import TorchExecutor
+
+    loads = []
+
     def load(cls, model=None, progress=None, **kwargs):
         loads.append(kwargs)
         raise ModelLoadError("recorded, not loaded")
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "remote", RecordingActorClass)
     monkeypatch.setattr(TorchExecutor, "load", classmethod(load))
-    start_cluster(ClusterSpec(workers=2, quant="int8", torch_threads=torch.get_num_threads()), wait=False)
-    workers = [(args, kwargs) for cls, args, kwargs in actors if cls is WorkerActor]
+    workers = worker_actor_arguments(monkeypatch, ClusterSpec(workers=2, quant="int8",
+                                                              torch_threads=torch.get_num_threads()))
     assert len(workers) == 2
     for args, kwargs in workers:
         assert WorkerActor(*args, **kwargs).load_failure() == "recorded, not loaded"
@@ -418,26 +426,14 @@ def test_the_specs_executor_reaches_each_worker_actors_executor(monkeypatch):
 
     from workers import executors
 
-    actors, loads = [], []
-
-    class RecordingActorClass:
-        def __init__(self, cls):
-            self.cls = cls
-
-        def options(self, **options):
-            return self
-
-        def remote(self, *args, **kwargs):
-            actors.append((self.cls, args, kwargs))
+    loads = []
 
     def load_executor(kind="torch", model=None, progress=None, **kwargs):
         loads.append((kind, kwargs))
         raise ModelLoadError("recorded, not loaded")
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "remote", RecordingActorClass)
     monkeypatch.setattr(executors, "load_executor", load_executor)
-    start_cluster(ClusterSpec(workers=2, executor="vllm", torch_threads=torch.get_num_threads()), wait=False)
-    workers = [(args, kwargs) for cls, args, kwargs in actors if cls is WorkerActor]
+    workers = worker_actor_arguments(monkeypatch, ClusterSpec(workers=2, executor="vllm",
+                                                              torch_threads=torch.get_num_threads()))
     assert [kwargs["executor"] for _, kwargs in workers] == ["vllm", "vllm"]
     for args, kwargs in workers:
         assert WorkerActor(*args, **kwargs).load_failure() == "recorded, not loaded"

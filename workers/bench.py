@@ -52,6 +52,11 @@ def _prompt_texts(batch: int) -> list[list[dict]]:
     return [[{"role": "user", "content": f"Tell me a long story, number {i}."}] for i in range(batch)]
 
 
+def _prompt_ids(tok: Tokenizer, batch: int) -> list[list[int]]:
+    """The decode prompts, as our tokenizer encodes them (every system gets these tokens)."""
+    return [tok.encode(tok.apply_chat_template(m)) for m in _prompt_texts(batch)]
+
+
 def _prefill_ids() -> np.ndarray:
     return np.random.default_rng(0).integers(100, 40000, PREFILL_LEN)
 
@@ -71,7 +76,7 @@ def bench_executor(model: LoadedModel, dtype: str, batches: list[int], tokens: i
     tok = ex.tokenizer
     rows = []
     for b in batches:
-        prompts = [tok.encode(tok.apply_chat_template(m)) for m in _prompt_texts(b)]
+        prompts = _prompt_ids(tok, b)
         rate = _decode_rate(lambda n: generate(ex, prompts, n, stop_token_ids=()), b, tokens)
         rows.append({"system": system, "dtype": dtype, "quant": quant, "batch": b, "decode_tok_s": rate,
                      "prefill_tok_s": None})
@@ -97,7 +102,7 @@ def bench_transformers(model: LoadedModel, dtype: str, batches: list[int], token
     pad = model.tokenizer.stop_token_ids[0] if model.tokenizer.stop_token_ids else 0
     rows = []
     for b in batches:
-        prompts = [ours.encode(ours.apply_chat_template(m)) for m in _prompt_texts(b)]
+        prompts = _prompt_ids(ours, b)
         width = max(len(p) for p in prompts)  # left padding, as hf_bench does
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -191,7 +196,7 @@ def bench_vllm_engine(model: LoadedModel, dtype: str, batches: list[int], tokens
     `one_process`: its engine core in that process too (VLLM_ENABLE_V1_MULTIPROCESSING=0), as ours runs."""
     model_dir = model.cache_dir or model.source
     tok = Tokenizer(model.tokenizer)
-    prompts = {"decode": {str(b): [tok.encode(tok.apply_chat_template(m)) for m in _prompt_texts(b)] for b in batches},
+    prompts = {"decode": {str(b): _prompt_ids(tok, b) for b in batches},
                "prefill": _prefill_ids().tolist()}
     script = os.path.join(os.path.dirname(__file__), "bench_vllm_engine.py")
     with tempfile.TemporaryDirectory() as tmp:

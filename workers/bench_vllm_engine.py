@@ -23,7 +23,9 @@ def main() -> None:
         prompts = json.load(f)
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype], enforce_eager=True,
+    from workers.vllm_exec.model_setup import VLLM_DTYPES
+
+    llm = LLM(model=model_dir, dtype=VLLM_DTYPES[dtype], enforce_eager=True,
               skip_tokenizer_init=True, max_num_seqs=max(batches), enable_prefix_caching=False,
               max_model_len=2048, kv_cache_memory_bytes=2 << 30)
 

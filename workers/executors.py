@@ -9,6 +9,15 @@ from workers.progress import ProgressFn
 EXECUTORS = ("torch", "vllm")
 
 
+def quant_refusal(kind: str, quant: str) -> str | None:
+    """Why `quant` cannot go with this executor (the end of a sentence naming the option), or None.
+    Only the torch executor quantizes weights itself (workers/quant)."""
+    if kind == "torch" or quant == "none":
+        return None
+    return (f"is for the torch executor; the {kind} executor reads quantized checkpoints (GPTQ, AWQ, "
+            "compressed-tensors, ...) from the model directory itself")
+
+
 def _executor_class(kind: str):
     if kind == "torch":
         from workers.torch_executor import TorchExecutor

@@ -19,12 +19,19 @@ def page_bytes(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
     return config.num_layers * 2 * page_size * config.num_kv_heads * config.head_dim * elem
 
 
-def pages_for_budget(config: ModelConfig, page_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
-    n = budget_bytes // page_bytes(config, page_size, dtype)
+DEFAULT_KV_BUDGET = 1 << 30  # bytes of KV cache when neither num_pages nor a budget is given
+
+
+def pages_in_budget(one_page_bytes: int, budget_bytes: int) -> int:
+    """How many pages of `one_page_bytes` a KV budget holds; ValueError when not one."""
+    n = budget_bytes // one_page_bytes
     if n < 1:
-        raise ValueError(
-            f"a KV budget of {budget_bytes} bytes holds no page of {page_bytes(config, page_size, dtype)} bytes; raise it")
+        raise ValueError(f"a KV budget of {budget_bytes} bytes holds no page of {one_page_bytes} bytes; raise it")
     return int(n)
+
+
+def pages_for_budget(config: ModelConfig, page_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
+    return pages_in_budget(page_bytes(config, page_size, dtype), budget_bytes)
 
 
 class PagedKVCache:

@@ -6,7 +6,7 @@ import torch
 
 from workers.attention import build_plan
 from workers.executor import ModelInfo
-from workers.kv_cache import PagedKVCache, pages_for_budget
+from workers.kv_cache import DEFAULT_KV_BUDGET, PagedKVCache, pages_for_budget
 from workers.llama_model import LlamaModel
 from workers.model_loader import LoadedModel, load_model
 from workers.paged_executor import PagedExecutor
@@ -17,7 +17,6 @@ from workers.tokenizer import Tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 QUANTS = ("none", "int8", "int4")  # weight formats of the linear layers: see workers/quant
-DEFAULT_KV_BUDGET = 1 << 30  # bytes of KV cache when neither num_pages nor a budget is given
 
 
 class TorchExecutor(PagedExecutor):

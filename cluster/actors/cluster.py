@@ -28,7 +28,7 @@ from cluster.api.grpc_server import DEFAULT_MAX_RUNNING
 from cluster.api.program_store import ProgramStore
 from cluster.services.http_client import HttpPolicy
 from workers.errors import ModelLoadError
-from workers.executors import EXECUTORS
+from workers.executors import EXECUTORS, quant_refusal
 from workers.torch_executor import QUANTS
 
 WORKER_NAME = "pie-worker-{}"
@@ -69,9 +69,9 @@ class ClusterSpec:
             raise ValueError(f"ClusterSpec.quant must be one of {list(QUANTS)}, not {self.quant!r}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"ClusterSpec.executor must be one of {list(EXECUTORS)}, not {self.executor!r}")
-        if self.executor != "torch" and self.quant != "none":
-            raise ValueError(f"ClusterSpec.quant {self.quant!r} is for the torch executor; the {self.executor} "
-                             "executor reads quantized checkpoints from the model directory itself")
+        why = quant_refusal(self.executor, self.quant)
+        if why:
+            raise ValueError(f"ClusterSpec.quant {self.quant!r} {why}")
 
 
 class Cluster:

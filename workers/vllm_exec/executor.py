@@ -8,7 +8,9 @@ import torch
 
 from workers.errors import ModelLoadError
 from workers.executor import ModelInfo
+from workers.executors import quant_refusal
 from workers.hf_dir_reader import read_tokenizer
+from workers.kv_cache import DEFAULT_KV_BUDGET, pages_in_budget
 from workers.model_loader import LoadedModel, load_model, resolve
 from workers.paged_executor import PagedExecutor
 from workers.progress import ProgressFn, StderrProgress
@@ -19,7 +21,6 @@ from workers.vllm_exec.kv_store import bind_kv_cache
 from workers.vllm_exec.model_setup import VLLM_DTYPES, import_vllm, load_vllm_model
 from workers.vllm_exec.step_plan import plan_step
 
-DEFAULT_KV_BUDGET = 1 << 30  # bytes, as for the torch executor
 CPU_PAGE_MULTIPLE = 16  # vLLM's CPU attention kernels read blocks of a multiple of 16 slots
 # vLLM keeps the forward context (metadata, slot mappings) in a process global: two steps at once, of one
 # executor or of two in one process, would read each other's and write KV to the wrong slots
@@ -33,9 +34,9 @@ class VllmExecutor(PagedExecutor):
                  max_model_len: int | None = None, sliding_window: int | None = None):
         if dtype not in VLLM_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(VLLM_DTYPES)}")
-        if quant != "none":
-            raise ValueError(f"--quant {quant} is for the torch executor; vLLM reads quantized checkpoints "
-                             "(GPTQ, AWQ, compressed-tensors, ...) from the model directory itself")
+        why = quant_refusal("vllm", quant)
+        if why:
+            raise ValueError(f"quant {quant} {why}")
         self._device = torch.device(device)
         if self._device.type == "cpu" and (page_size < 1 or page_size % CPU_PAGE_MULTIPLE):
             raise ValueError(f"page size {page_size}: vLLM's CPU attention kernels need a multiple of "
@@ -49,10 +50,8 @@ class VllmExecutor(PagedExecutor):
         layers = list(self.vm.layers.values())
         if num_pages is None:
             elem = torch.empty((), dtype=self.vm.dtype).element_size()
-            page_bytes = len(layers) * 2 * page_size * self.vm.num_kv_heads * self.vm.head_size * elem
-            num_pages = kv_budget_bytes // page_bytes
-            if num_pages < 1:
-                raise ValueError(f"a KV budget of {kv_budget_bytes} bytes holds no page of {page_bytes} bytes; raise it")
+            num_pages = pages_in_budget(len(layers) * 2 * page_size * self.vm.num_kv_heads * self.vm.head_size * elem,
+                                        kv_budget_bytes)
         kv = bind_kv_cache(self.vm, num_pages, page_size)
         self._torch_path_ok = all(has_torch_path(layer.impl) for layer in layers)
         for layer, (keys, values) in zip(layers, kv.parts):
