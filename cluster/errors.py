@@ -97,3 +97,13 @@ class DirectoryUnavailable(DirectoryError):
 
 class DirectoryInvariantBroken(DirectoryError):
     """The directory's own bookkeeping disagrees with itself: a bug, never a user error."""
+
+
+class ExportNotMovable(DirectoryError):
+    """The export cannot be moved to another worker now: it is not persistent (its pages live with the
+    running inferlet that exported it), or a move of it is already in flight. The message says which."""
+
+
+class UnknownMove(DirectoryError):
+    """No move with this id is in flight: it finished or was aborted, or it was cancelled because its
+    export ended or its source or destination worker died."""

@@ -1,5 +1,5 @@
 """The KV-page directory's audit of its own bookkeeping (KvDirectory.check_invariants): every
-index agrees with the exports, owners, workers and leases it points at. Reads the directory's
+index agrees with the exports, owners, workers, leases and moves it points at. Reads the directory's
 internals under its lock; a non-empty answer is a bug in the directory, never a user error."""
 from __future__ import annotations
 
@@ -54,4 +54,28 @@ def invariant_problems(d: KvDirectory) -> list[str]:
         export = d._by_id.get(lease.export_id)
         if export is not None and lease_id not in export.leases:
             problems.append(f"lease {lease_id} is open but its export {export.name!r} does not count it")
+    problems += _move_problems(d)
+    return problems
+
+
+def _move_problems(d: KvDirectory) -> list[str]:
+    """Each move in flight and its export point at each other, the export still lives where the move
+    copies from, and both workers are live."""
+    problems = []
+    for move_id, move in d._moves.items():
+        plan, export = move.plan, d._by_id.get(move.export_id)
+        if export is None or export.move != move_id:
+            problems.append(f"move {move_id} of {plan.name!r} is open but its export does not point at it")
+        elif (export.name, export.worker_id, export.pages) != (plan.name, plan.src_worker, plan.src_pages):
+            problems.append(f"move {move_id} copies {plan.name!r} from where the export no longer is")
+        if plan.src_worker == plan.dst_worker:
+            problems.append(f"move {move_id} of {plan.name!r} moves it onto its own worker")
+        for w_id in (plan.src_worker, plan.dst_worker):
+            if w_id not in d._workers or not d._workers[w_id].live:
+                problems.append(f"move {move_id} of {plan.name!r} involves a worker that is not live ({w_id!r})")
+    for name, e in d._exports.items():
+        if e.move is not None and (e.move not in d._moves or d._moves[e.move].export_id != e.export_id):
+            problems.append(f"export {name!r} points at move {e.move}, which is not open on it")
+        if e.move is not None and not e.persistent:
+            problems.append(f"non-persistent export {name!r} is moving")
     return problems

@@ -1,5 +1,5 @@
 """The records the KV-page directory answers with (cluster.actors.kv_directory): exports, owners,
-worker loads, copy plans and what a worker must release. Frozen dataclasses, safe to send
+worker loads, copy and move plans and what a worker must release. Frozen dataclasses, safe to send
 between actors."""
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ class ExportInfo:
     num_indexed_tokens: int  # tokens in the prefix index: full pages only, 0 = not indexed
     num_imports: int  # imports so far, same-worker and copies
     copies_in_flight: int  # open leases: copies from this export to another worker
+    moving_to: str = ""  # the worker a move in flight copies it to; "" when none is
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,19 @@ class ImportPlan:
 
 
 @dataclass(frozen=True)
+class MovePlan:
+    """Move export `name` from `src_worker` to `dst_worker` (kv_directory.begin_move). The export stays
+    on the source, readable and importable there, until `finish_move(move_id, ...)` re-points it."""
+
+    move_id: int
+    name: str
+    src_worker: str
+    src_pages: tuple[int, ...]  # page ids on src_worker, in order; the last may be partly filled
+    dst_worker: str
+    meta: str  # the export's meta, for its export on the destination
+
+
+@dataclass(frozen=True)
 class EndExport:
     """Worker `worker_id` ends its local export `name` (drops the export's reference to its pages)."""
 
@@ -77,6 +91,17 @@ class DropHolder:
 
     worker_id: str
     instance_id: str
+
+
+@dataclass(frozen=True)
+class MoveDone:
+    """A move committed (kv_directory.finish_move): the export now lives on the destination. The source
+    ends its export of the old pages (`release`) once the copies from them in flight (`open_leases`,
+    opened before the commit, still reading the source) have ended."""
+
+    export: ExportInfo  # as it is now, on the destination
+    release: EndExport  # for the source worker
+    open_leases: tuple[int, ...]  # lease ids of copies from the source still in flight
 
 
 @dataclass(frozen=True)

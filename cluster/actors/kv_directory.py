@@ -20,6 +20,16 @@ and opens a lease on the export until `end_lease` (the copy finished or failed).
 leases are the export's reference count. Unexporting while leases are open is allowed, as in
 the registry: the copy holds its own references on the source worker.
 
+An export can move to another worker (to balance load, or to drain a worker before it is removed)
+in two phases. `begin_move` records the move; the caller copies the pages to the destination and
+exports them there; `finish_move` re-points the export (worker, pages) at the destination in one
+step, keeping its name, id, meta, owner and prefix index, and says what the source must release.
+Until the commit everything reads the source; imports from then on read the destination. A copy
+that started before the commit still reads the source under its lease, so the source's pages go
+only once those leases have ended (`MoveDone.open_leases`). Only persistent exports move: a
+non-persistent one's pages are also the running inferlet's own, and running inferlets do not move.
+Ending the export or losing either worker cancels the move (`finish_move` then raises UnknownMove).
+
 The prefix index hashes each export's full pages of tokens as a chain (hash of the parent
 block's hash and the block's tokens, like vLLM's prefix-caching block hashes), so a prompt
 matches an export exactly when their first k pages of tokens agree.
@@ -33,10 +43,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cluster.actors.directory_invariants import invariant_problems
-from cluster.actors.directory_records import (CopyPlan, DropHolder, EndExport, ExportInfo, ImportPlan, OwnerInfo,
-                                              PrefixMatch, Reclaimed, WorkerLoad)
-from cluster.errors import (DirectoryInvariantBroken, ExportNameTaken, InvalidDirectoryRequest, NoLiveWorker,
-                            NotExportOwner, OwnerExists, UnknownExport, UnknownOwner, UnknownWorker, WorkerDead)
+from cluster.actors.directory_records import (CopyPlan, DropHolder, EndExport, ExportInfo, ImportPlan, MoveDone,
+                                              MovePlan, OwnerInfo, PrefixMatch, Reclaimed, WorkerLoad)
+from cluster.errors import (DirectoryInvariantBroken, ExportNameTaken, ExportNotMovable, InvalidDirectoryRequest,
+                            NoLiveWorker, NotExportOwner, OwnerExists, UnknownExport, UnknownMove, UnknownOwner,
+                            UnknownWorker, WorkerDead)
 from cluster.worker.prefix_hashes import block_hashes
 
 MAX_EXPORT_NAME_BYTES = 256  # as cluster.worker.page_registry (not imported: it pulls in torch)
@@ -65,12 +76,19 @@ class _Export:
     hashes: tuple[bytes, ...]  # one per indexed full page
     num_imports: int = 0
     leases: set[int] = field(default_factory=set)  # open copy leases: the reference count
+    move: int | None = None  # the id of its move in flight, if any
 
 
 @dataclass
 class _Lease:
     plan: CopyPlan
     export_id: int  # its export may have ended since (then no live export has this id)
+
+
+@dataclass
+class _Move:
+    plan: MovePlan
+    export_id: int  # always a live export: ending it cancels the move
 
 
 class KvDirectory:
@@ -87,7 +105,8 @@ class KvDirectory:
         self._by_owner: dict[str, set[int]] = {}  # instance id -> ids of its live exports
         self._blocks: dict[bytes, set[int]] = {}  # block hash -> ids of live exports holding it
         self._leases: dict[int, _Lease] = {}
-        self._ids = itertools.count(1)  # export and lease ids, never reused
+        self._moves: dict[int, _Move] = {}
+        self._ids = itertools.count(1)  # export, lease and move ids, never reused
 
     # -- workers ---------------------------------------------------------------------------------
     def register(self, worker_id: str, num_pages: int, page_size: int | None = None) -> Reclaimed:
@@ -202,6 +221,11 @@ class KvDirectory:
         with self._lock:
             return sorted(n for n in self._exports if n.startswith(prefix))
 
+    def exports_on(self, worker_id: str) -> list[ExportInfo]:
+        """The live exports whose pages `worker_id` holds, by name."""
+        with self._lock:
+            return [self._info(e) for _, e in sorted(self._exports.items()) if e.worker_id == worker_id]
+
     def unexport(self, caller: str, name: str) -> EndExport:
         """End an export. `caller` is an instance id: the owner, or anyone for a persistent export."""
         with self._lock:
@@ -234,6 +258,73 @@ class KvDirectory:
     def copies_in_flight(self) -> list[CopyPlan]:
         with self._lock:
             return [lease.plan for _, lease in sorted(self._leases.items())]
+
+    # -- moving an export to another worker ------------------------------------------------------
+    def begin_move(self, name: str, to_worker: str) -> MovePlan:
+        """Start moving export `name` to worker `to_worker`. The caller copies `src_pages` there, exports
+        the copy on it, then calls `finish_move` (or `abort_move` when anything failed)."""
+        with self._lock:
+            export = self._export(name)
+            dest = self._workers.get(to_worker)
+            if dest is None:
+                raise UnknownWorker(f"cannot move {name!r} to {to_worker!r}: no such worker is registered; "
+                                    f"known: {sorted(self._workers)}")
+            if not dest.live:
+                raise WorkerDead(f"cannot move {name!r} to worker {to_worker!r}: it died and has not registered "
+                                 f"again; pick a live worker")
+            if to_worker == export.worker_id:
+                raise InvalidDirectoryRequest(f"{name!r} is already on worker {to_worker!r}; nothing to move")
+            if not export.persistent:
+                raise ExportNotMovable(f"{name!r} is not persistent: its pages live with the running inferlet "
+                                       f"{export.owner!r} on worker {export.worker_id!r}, and moving a running "
+                                       f"inferlet is not supported. Export it persistent to make it movable")
+            if export.move is not None:
+                raise ExportNotMovable(f"{name!r} is already moving to worker "
+                                       f"{self._moves[export.move].plan.dst_worker!r} (move {export.move}); wait "
+                                       f"for that move to finish, or abort it")
+            plan = MovePlan(next(self._ids), name, export.worker_id, export.pages, to_worker, export.meta)
+            self._moves[plan.move_id] = _Move(plan, export.export_id)
+            export.move = plan.move_id
+            return plan
+
+    def finish_move(self, move_id: int, dest_pages: Sequence[int]) -> MoveDone:
+        """The copy is on the destination (its pages `dest_pages` there, exported under the name): the
+        export lives there from now on. The answer says what the source worker must release, and when."""
+        dest_pages = tuple(int(p) for p in dest_pages)
+        with self._lock:
+            move = self._moves.get(move_id)
+            if move is None:
+                raise UnknownMove(f"no move {move_id} is in flight: it finished or was aborted, or it was "
+                                  f"cancelled because its export ended or a worker it involves died. Release "
+                                  f"the copy made for it on the destination")
+            plan, export = move.plan, self._by_id[move.export_id]
+            dest = self._workers[plan.dst_worker]  # live: losing it cancels the move
+            if len(dest_pages) != len(plan.src_pages):
+                raise InvalidDirectoryRequest(f"move {move_id} copies {len(plan.src_pages)} pages of {plan.name!r}; "
+                                              f"{len(dest_pages)} pages were given for the destination")
+            bad = [p for p in dest_pages if not 0 <= p < dest.num_pages]
+            if bad:
+                raise InvalidDirectoryRequest(f"page {bad[0]} is not a page of worker {plan.dst_worker!r} "
+                                              f"(it has {dest.num_pages})")
+            del self._moves[move_id]
+            export.move = None
+            export.worker_id, export.pages = plan.dst_worker, dest_pages
+            open_leases = tuple(sorted(i for i in export.leases if self._leases[i].plan.src_worker == plan.src_worker))
+            return MoveDone(self._info(export), EndExport(plan.src_worker, plan.name, plan.src_pages), open_leases)
+
+    def abort_move(self, move_id: int) -> bool:
+        """Drop a move in flight: the export stays on its source. False when it was already gone
+        (finished, aborted or cancelled)."""
+        with self._lock:
+            move = self._moves.pop(move_id, None)
+            if move is None:
+                return False
+            self._by_id[move.export_id].move = None
+            return True
+
+    def moves_in_flight(self) -> list[MovePlan]:
+        with self._lock:
+            return [move.plan for _, move in sorted(self._moves.items())]
 
     # -- prefixes and placement ------------------------------------------------------------------
     def prefix_match(self, prompt_tokens: Sequence[int]) -> PrefixMatch:
@@ -279,8 +370,9 @@ class KvDirectory:
         return export
 
     def _info(self, e: _Export) -> ExportInfo:
+        moving_to = self._moves[e.move].plan.dst_worker if e.move is not None else ""
         return ExportInfo(e.name, e.worker_id, e.pages, e.meta, e.owner, e.persistent,
-                          len(e.hashes) * self.page_size, e.num_imports, len(e.leases))
+                          len(e.hashes) * self.page_size, e.num_imports, len(e.leases), moving_to)
 
     def _add_owner(self, instance_id: str, host_id: str, worker_id: str) -> OwnerInfo:
         if instance_id in self._owners:
@@ -312,6 +404,8 @@ class KvDirectory:
         for export in dropped:
             self._end_export(export)
         copies = self._close_leases(lambda plan: worker_id in (plan.src_worker, plan.dst_worker))
+        for move_id in [i for i, m in self._moves.items() if m.plan.dst_worker == worker_id]:
+            self._cancel_move(move_id)  # those from it went with their exports
         self._workers[worker_id].live = False
         self._workers[worker_id].running = 0
         return reclaimed + Reclaimed((), tuple(self._info(e) for e in dropped), copies, ())
@@ -328,7 +422,13 @@ class KvDirectory:
     def _close_leases(self, which) -> tuple[CopyPlan, ...]:
         return tuple(self._close_lease(i) for i in sorted(self._leases) if which(self._leases[i].plan))
 
+    def _cancel_move(self, move_id: int) -> None:
+        move = self._moves.pop(move_id)
+        self._by_id[move.export_id].move = None
+
     def _end_export(self, export: _Export) -> None:
+        if export.move is not None:
+            self._cancel_move(export.move)
         del self._exports[export.name]
         del self._by_id[export.export_id]
         of_owner = self._by_owner[export.owner]
