@@ -1,12 +1,20 @@
 """Moving an export's KV pages from one worker to another (issue 22): the directory's two-phase move
 (KvDirectory.begin_move / finish_move / abort_move, no Ray), then the move executor
-(cluster.actors.kv_migration) on a real local Ray cluster of two CPU workers with the real model."""
+(cluster.actors.kv_migration, through ClusterHost.move_export / drain_worker) on a real local Ray
+cluster of two CPU workers with the real model (one cluster for the module: ~15 s to start)."""
+import threading
+import time
+
+import numpy as np
 import pytest
 
 from cluster.actors.directory_records import EndExport, MovePlan
 from cluster.actors.kv_directory import KvDirectory
 from cluster.errors import (DirectoryInvariantBroken, ExportNotMovable, InvalidDirectoryRequest, UnknownExport,
                             UnknownMove, UnknownWorker, WorkerDead)
+from cluster.worker.prefix_hashes import tokens_from_sdk_meta
+from helpers import wait_until
+from workers.step_types import ForwardRequest, Sampler
 
 PS = 4  # page size of the directory tests
 
@@ -160,3 +168,217 @@ def test_the_invariants_catch_a_move_and_export_that_disagree(d):
     with pytest.raises(DirectoryInvariantBroken, match="copies 'sys' from where the export no longer is"):
         d.check_invariants()
     d._exports["sys"].pages = (3,)
+
+
+# -- the move executor on a real Ray cluster ----------------------------------------------------------
+
+PREFIX = "inferlets/examples/prefix_cache.py"
+NUM_PAGES = 96  # per worker
+SYSTEM = "You are a terse geography tutor. Answer in one sentence."
+OTHER_SYSTEM = "You are a patient history teacher. Answer in two sentences."
+PROBE_TOP_K = 32
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    from cluster.actors.cluster import ClusterSpec, init_local_ray, start_cluster
+
+    init_local_ray(num_cpus=2, log_to_driver=False)
+    try:
+        spec = ClusterSpec(workers=2, hosts=1, num_pages=NUM_PAGES, torch_threads=1, bind_address="127.0.0.1",
+                           dtype="fp32")  # fp32: greedy answers do not flip on near ties between batches
+        yield start_cluster(spec, wait=False)  # local_host waits, once it has compiled its inferlet
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_host(cluster):
+    """A ClusterHost in this process (same directory, same workers): it pins launches and moves exports."""
+    from cluster.actors.cluster_host import ClusterHost
+
+    with ClusterHost(cluster.directory) as host:
+        host.component(PREFIX)  # built and compiled once, while the workers load the model
+        cluster.wait_for_workers()
+        yield host
+
+
+def free_pages(cluster) -> list[int]:
+    import ray
+
+    return ray.get([w.free_pages.remote() for w in cluster.workers])
+
+
+def pages_come_back(cluster, expected: list[int]) -> None:
+    wait_until(lambda: free_pages(cluster) == expected, 30, f"the workers' free pages to be {expected}")
+
+
+def settled(cluster) -> None:
+    """Every worker has all its pages back (and its books agree), and the directory agrees with itself."""
+    import ray
+
+    pages_come_back(cluster, [NUM_PAGES] * 2)
+    ray.get([w.check_idle.remote() for w in cluster.workers])
+    cluster.directory.check_invariants()
+    assert cluster.directory.moves_in_flight() == [] and cluster.directory.copies_in_flight() == []
+
+
+def answer(host, worker_id: str, system: str = SYSTEM, *extra) -> tuple[str, str]:
+    """(cache status, greedy answer) of prefix_cache.py on `worker_id`."""
+    outcome = host.run(PREFIX, ["--system", system, "--max-tokens", "12", *extra], worker_id=worker_id)
+    assert outcome.ok, outcome.error
+    return outcome.messages[0], "".join(outcome.messages[1:])
+
+
+def unexport(host, system: str = SYSTEM) -> None:
+    outcome = host.run(PREFIX, ["--system", system, "--unexport"], worker_id="worker-0")
+    assert outcome.ok, outcome.error
+
+
+def probe(conn, name: str, holder: str) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """The export's KV bytes on the worker behind `conn`, and the model's next-token distribution
+    (top PROBE_TOP_K ids and probabilities) after the export's tokens and one more, computed there over
+    those pages: the partial last page copied into a page of the probe's own, as an importer does."""
+    pages, meta = conn.import_(holder, name)
+    try:
+        kv = conn.wait(conn.read_pages(holder, pages))
+        tokens = tokens_from_sdk_meta(meta)
+        assert tokens, "the export's meta names no tokens"
+        page_size, filled = conn.info.page_size, len(tokens) % conn.info.page_size
+        [own] = conn.allocate(holder, 1, 1)
+        if filled:
+            conn.copy(holder, pages[-1], own, 0, 0, filled)
+        request = ForwardRequest(token_ids=np.array([conn.tokenizer.encode("What")[0]]),
+                                 position_ids=np.array([len(tokens)]),
+                                 kv_page_indices=np.array((pages[:-1] if filled else pages) + [own]),
+                                 kv_last_page_len=filled + 1, output_indices=np.array([0]),
+                                 samplers=(Sampler("distribution", top_k=PROBE_TOP_K),))
+        assert page_size * (len(request.kv_page_indices) - 1) + filled == len(tokens)
+        [result] = conn.wait(conn.forward(holder, request))
+        return kv, np.asarray(result.ids), np.asarray(result.probs)
+    finally:
+        conn.release(holder)
+
+
+def test_a_moved_export_is_read_from_its_new_worker_with_the_same_kv_and_logits(cluster, local_host):
+    status, first = answer(local_host, "worker-0")
+    assert status == "cache miss"
+    [name] = cluster.directory.list_exports("prefix-cache/")
+    num_pages = len(cluster.directory.lookup(name).pages)
+    kv, ids, probs = probe(local_host.connection("worker-0"), name, "probe-before")
+    pages_come_back(cluster, [NUM_PAGES - num_pages, NUM_PAGES])
+    with pytest.raises(InvalidDirectoryRequest, match="already on worker 'worker-0'"):
+        local_host.move_export(name, "worker-0")  # the directory's refusals cross Ray as themselves
+    with pytest.raises(UnknownWorker):
+        local_host.move_export(name, "worker-7")
+
+    moved = local_host.move_export(name, "worker-1")
+    assert (moved.name, moved.src_worker, moved.dst_worker, moved.num_pages) == (name, "worker-0", "worker-1",
+                                                                                 num_pages)
+    info = cluster.directory.lookup(name)
+    assert (info.worker_id, info.moving_to, info.persistent) == ("worker-1", "", True)
+    pages_come_back(cluster, [NUM_PAGES, NUM_PAGES - num_pages])  # worker-0 got its pages back
+    assert local_host.connection("worker-0").list_exports("prefix-cache/") == []
+    assert local_host.connection("worker-1").list_exports("prefix-cache/") == [name]
+    moved_kv, moved_ids, moved_probs = probe(local_host.connection("worker-1"), name, "probe-after")
+    assert moved_kv == kv, "the moved pages hold other bytes than the originals"
+    # the same bytes through the same model and the same single-threaded fp32 step: equal within 1e-6
+    assert (moved_ids == ids).all() and np.abs(moved_probs - probs).max() <= 1e-6
+    assert answer(local_host, "worker-1") == ("cache hit", first)  # in place on its new worker
+    assert answer(local_host, "worker-0") == ("cache hit", first)  # copied back from worker-1
+    assert cluster.directory.prefix_match(tokens_from_sdk_meta(info.meta)).worker_ids == ("worker-1",)
+    unexport(local_host)
+    settled(cluster)
+
+
+def test_an_import_racing_a_move_reads_the_source_until_its_copy_is_done(cluster, local_host, monkeypatch):
+    """A move's write to its destination is held back 2 s and an importer's first call to the source
+    4 s (faults injected on purpose): the importer's copy plan predates the commit, so the source must
+    keep the export until that copy has taken its pages, or the import fails and the answer changes."""
+    status, first = answer(local_host, "worker-0")
+    assert status == "cache miss"
+    [name] = cluster.directory.list_exports("prefix-cache/")
+    source, dest = local_host.connection("worker-0"), local_host.connection("worker-1")
+    source_import, dest_write = source.import_, dest.write_pages
+
+    def slow_lease_import(holder, export_name):  # only the importer's copy (its holder is its lease)
+        if holder.startswith("lease-"):
+            time.sleep(4.0)
+        return source_import(holder, export_name)
+
+    def slow_move_write(holder, pages, data):  # only the move's copy
+        if holder.startswith("move-"):
+            time.sleep(2.0)
+        return dest_write(holder, pages, data)
+
+    commits, finish_move = [], local_host.directory.finish_move
+
+    def recorded_finish_move(*args):
+        commits.append(finish_move(*args))
+        return commits[-1]
+
+    monkeypatch.setattr(source, "import_", slow_lease_import)
+    monkeypatch.setattr(dest, "write_pages", slow_move_write)
+    monkeypatch.setattr(local_host.directory, "finish_move", recorded_finish_move, raising=False)
+    mover = threading.Thread(target=lambda: commits.append(local_host.move_export(name, "worker-1")))
+    mover.start()
+    wait_until(lambda: cluster.directory.moves_in_flight(), 30, "the move to start")
+    copier = local_host.launch(PREFIX, ["--system", SYSTEM, "--max-tokens", "12"], worker_id="worker-1")
+    sharer = local_host.launch(PREFIX, ["--system", SYSTEM, "--max-tokens", "12"], worker_id="worker-0")
+    mover.join(60)
+    assert not mover.is_alive()
+    for importer in (copier, sharer):
+        assert importer.wait(120).ok, importer.outcome.error
+        assert (importer.outcome.messages[0], "".join(importer.outcome.messages[1:])) == ("cache hit", first)
+    done, moved = commits
+    assert done.open_leases, "the importer's copy had not begun before the commit: the race was not run"
+    assert moved.dst_worker == cluster.directory.lookup(name).worker_id == "worker-1"
+    monkeypatch.undo()
+    unexport(local_host)
+    settled(cluster)
+
+
+def test_a_move_that_fails_leaves_the_export_where_it_was_and_no_pages_behind(cluster, local_host, monkeypatch):
+    assert answer(local_host, "worker-0")[0] == "cache miss"
+    [name] = cluster.directory.list_exports("prefix-cache/")
+    dest = local_host.connection("worker-1")
+    monkeypatch.setattr(dest, "export", lambda *a: (_ for _ in ()).throw(RuntimeError("export refused (injected)")))
+    with pytest.raises(RuntimeError, match="injected"):
+        local_host.move_export(name, "worker-1")
+    monkeypatch.undo()
+    info = cluster.directory.lookup(name)
+    assert (info.worker_id, info.moving_to) == ("worker-0", "")
+    assert cluster.directory.moves_in_flight() == []
+    pages_come_back(cluster, [NUM_PAGES - len(info.pages), NUM_PAGES])  # the copy on worker-1 was given back
+    assert local_host.move_export(name, "worker-1").dst_worker == "worker-1"  # and it can move after all
+    unexport(local_host)
+    settled(cluster)
+
+
+def test_drain_moves_every_persistent_export_off_a_worker_and_says_what_stays(cluster, local_host):
+    firsts = {system: answer(local_host, "worker-1", system) for system in (SYSTEM, OTHER_SYSTEM)}
+    assert {status for status, _ in firsts.values()} == {"cache miss"}
+    names = cluster.directory.list_exports("prefix-cache/")
+    # a non-persistent export of a running inferlet (made by hand: its pages are that inferlet's own)
+    conn, owner = local_host.connection("worker-1"), "inferlet-held-by-this-test"
+    cluster.directory.add_owner(owner, local_host.host_id, "worker-1")
+    pages = conn.allocate(owner, 2, 2)
+    cluster.directory.export(owner, "scratch", pages)
+    conn.export(owner, "scratch", pages, "", False)
+
+    drained = local_host.drain_worker("worker-1")
+    assert sorted(m.name for m in drained.moved) == names
+    assert {(m.src_worker, m.dst_worker) for m in drained.moved} == {("worker-1", "worker-0")}
+    [stayed] = drained.not_moved
+    assert stayed.name == "scratch" and "moving a running inferlet is not supported" in stayed.reason
+    assert [e.name for e in cluster.directory.exports_on("worker-1")] == ["scratch"]
+    moved_pages = sum(m.num_pages for m in drained.moved)
+    pages_come_back(cluster, [NUM_PAGES - moved_pages, NUM_PAGES - 2])  # only the running inferlet's pages stay
+    for system, first in firsts.items():
+        assert answer(local_host, "worker-0", system) == ("cache hit", first[1])
+    cluster.directory.owner_ended(owner)
+    conn.release(owner)
+    for system in firsts:
+        unexport(local_host, system)
+    settled(cluster)

@@ -7,6 +7,9 @@ recorded too. Inside, one InferletHost per worker runs the inferlets placed on i
 thread, its ClusterWorker); they share this host's sandbox, its one connection per worker and one
 message bus: the cluster's (a RemoteBus, see cluster/rpc/bus_service.py), or else one of this host's own.
 
+It is also where an operator moves exports between workers (`move_export`, `drain_worker`: see
+cluster/actors/kv_migration.py), over the same connections.
+
 A lost connection marks its worker dead in the directory (unless it already rejoined elsewhere):
 the inferlets on it fail with WorkerUnavailable naming it, and the next launch placed on it (once
 Ray restarted it and it joined again) dials its new address.
@@ -23,6 +26,7 @@ from typing import Callable
 from wasmtime import component as wc
 
 from cluster.rpc.bus_service import RemoteBus
+from cluster.actors import kv_migration
 from cluster.actors.cluster_worker import ClusterWorker
 from cluster.services.http_client import HttpPolicy
 from cluster.runtime.inferlet_host import InferletHost, Outcome, RunningInferlet, load_component
@@ -144,6 +148,17 @@ class ClusterHost:
             self.directory.worker_lost(worker_id, target)
         except Exception as e:  # the directory itself is gone or never knew it: nothing to record
             log.warning("could not report worker %s lost: %r", worker_id, e)
+
+    # -- moving exports between workers ----------------------------------------------------------
+    def move_export(self, name: str, to_worker: str) -> kv_migration.Moved:
+        """Move the persistent export `name` to worker `to_worker`; imports stay correct meanwhile.
+        Raises the directory's refusal (ExportNotMovable, UnknownExport, WorkerDead, ...) or what failed."""
+        return kv_migration.move_export(self.directory, self.connection, name, to_worker)
+
+    def drain_worker(self, worker_id: str) -> kv_migration.Drained:
+        """Move every export off `worker_id` (before removing it), each to the live worker with the most
+        free pages; the answer lists what moved and what could not, with why."""
+        return kv_migration.drain_worker(self.directory, self.connection, worker_id)
 
     # -- ending ----------------------------------------------------------------------------------
     def close(self) -> None:

@@ -141,10 +141,7 @@ class ClusterWorker:
             src_pages, _ = source.import_(lease, plan.name)
             pages = self.remote.allocate(holder, len(src_pages), self._import_quota)
             try:
-                for at in range(0, len(src_pages), COPY_CHUNK_PAGES):
-                    chunk = slice(at, at + COPY_CHUNK_PAGES)
-                    data = source.wait(source.read_pages(lease, src_pages[chunk]))
-                    self.remote.wait(self.remote.write_pages(holder, pages[chunk], data))
+                copy_pages(source, lease, src_pages, self.remote, holder, pages)
             except BaseException:
                 self.remote.free(holder, pages)
                 raise
@@ -152,3 +149,14 @@ class ClusterWorker:
             return pages
         finally:
             source.release(lease)
+
+
+def copy_pages(source: RemoteWorker, src_holder: str, src_pages: list[int], dest: RemoteWorker, dst_holder: str,
+               dst_pages: list[int]) -> None:
+    """Copy pages' contents from one worker to another, COPY_CHUNK_PAGES at a time: read_pages on the
+    source (pages `src_holder` holds there), write_pages on the destination (pages `dst_holder` may write).
+    An import's copy and an export's move (cluster.actors.kv_migration) both go this way."""
+    for at in range(0, len(src_pages), COPY_CHUNK_PAGES):
+        chunk = slice(at, at + COPY_CHUNK_PAGES)
+        data = source.wait(source.read_pages(src_holder, src_pages[chunk]))
+        dest.wait(dest.write_pages(dst_holder, dst_pages[chunk], data))
