@@ -49,6 +49,10 @@ class HostBusy(InferletError):
     """The server already runs as many inferlets as it allows."""
 
 
+class NoLiveHost(InferletError):
+    """Cluster mode: no inferlet host takes inferlets now (none up, or all draining or silent)."""
+
+
 # -- the KV-page directory (cluster mode; raised through both modes' client APIs) --------------
 
 class DirectoryError(InferletError):

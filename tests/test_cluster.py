@@ -18,7 +18,8 @@ from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE  # noqa: E4
 from cluster.actors.worker_actor import WorkerActor  # noqa: E402
 from cluster.actors.cluster_host import ClusterHost  # noqa: E402
 from cluster.api.grpc_client import Failed, Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
-from cluster.api.grpc_server import serve_service  # noqa: E402
+from cluster.api.grpc_server import serve_service, status_of  # noqa: E402
+import grpc  # noqa: E402
 from cluster.runtime.inferlet_build import build  # noqa: E402
 from cluster.errors import DirectoryUnavailable, InferletError, UnknownOwner  # noqa: E402
 from cluster.pending import Pending  # noqa: E402
@@ -239,29 +240,103 @@ def test_metrics_and_status_gather_every_actor_onto_the_gateways_port(cluster, c
     assert any(w["steps"] for w in status["workers"])
 
 
-def test_a_host_that_cannot_be_found_sends_the_launch_to_another_or_refuses_naming_it(cluster):
-    """A host actor that Ray is restarting answers its address call with a Ray error (seen under make
-    chaos: the client got UNKNOWN 'Exception iterating responses'). The fault is injected here: the
-    launch goes to the other host, and with both restarting it is refused as UNAVAILABLE, naming them."""
+def _run_through(service, program: str, prompt: str = "Hi", max_tokens: int = 2):
+    """Launch through a GatewayService in process; its Outcome."""
     from cluster.runtime.outbox import Outbox
 
-    def restarting():
-        raise RuntimeError("The actor is temporarily unavailable: IOError: The actor is restarting.")
-
-    service = cluster.gateway_service()
-    program = service.add_program(build(TEXT).read_bytes())
-    service.links[0]._locate = restarting  # the least loaded, picked first
     events = Outbox(256, 1 << 22)
-    service.start(program, ["--prompt", "Hi", "--max-tokens", "2"], events)
+    service.start(program, ["--prompt", prompt, "--max-tokens", str(max_tokens)], events)
     while isinstance(item := events.get(timeout=120), str):
         pass
-    assert item.ok, item.error  # it ran on the other host
-    service.links[1]._locate = restarting
-    service.links[1].lost(service.links[1].host_id)  # forget its connection: it must be found again
-    with pytest.raises(InferletError) as refused:
-        service.start(program, ["--prompt", "Hi", "--max-tokens", "2"], Outbox(256, 1 << 22))
-    assert "inferlet host is down or restarting" in str(refused.value)
-    assert service.links[0].running == service.links[1].running == 0
+    return item
+
+
+def test_a_host_that_is_gone_gets_the_launch_sent_elsewhere_and_is_dropped(cluster):
+    """A host still in the directory's table whose port is closed (a fault injected on purpose: how a
+    host killed a moment ago looks, before its reports stop): the launch picked for it goes to a live
+    host, and the dead one leaves the table. With no live host left, the launch is refused as
+    UNAVAILABLE, saying why."""
+    service = cluster.gateway_service()
+    program = service.add_program(build(TEXT).read_bytes())
+    ghost = "0-ghost"  # sorts first: picked first among equally loaded hosts
+    cluster.directory.host_alive(ghost, "127.0.0.1:9", 100)
+    outcome = _run_through(service, program)
+    assert outcome.ok, outcome.error  # it ran on a live host
+    assert ghost not in [h.host_id for h in cluster.directory.hosts()]
+    live = [h.host_id for h in cluster.directory.hosts()]
+    try:
+        for host_id in live:
+            cluster.directory.set_host_draining(host_id)
+        cluster.directory.host_alive(ghost, "127.0.0.1:9", 100)
+        with pytest.raises(InferletError) as refused:
+            _run_through(service, program)
+        assert "none of the 2 inferlet hosts takes inferlets now" in str(refused.value), refused.value
+        assert status_of(refused.value) == grpc.StatusCode.UNAVAILABLE
+        assert ghost not in [h.host_id for h in cluster.directory.hosts()]
+    finally:
+        for host_id in live:
+            cluster.directory.set_host_draining(host_id, False)
+    assert all(h.picked == 0 for h in cluster.directory.hosts()), cluster.directory.hosts()
+
+
+@pytest.fixture
+def second_gateway(cluster, tmp_path):
+    """Another gateway over the same cluster, with a program store of its own (empty): what a second
+    Serve replica is."""
+    from cluster.api.program_store import ProgramStore
+
+    server = serve_service(cluster.gateway_service(ProgramStore(tmp_path / "programs")), port=0)
+    with PieClient(server.target) as client:
+        yield client
+    server.stop(0)
+
+
+def test_a_second_gateway_serves_the_first_ones_inferlets_and_programs(cluster, client, programs, second_gateway):
+    """Launched through one gateway; listed, sent to and terminated through another, which also launches
+    a program only the first was sent (it fetches it from the directory)."""
+    instance_id, events = _first_message(_long(client, programs))
+    listed = {i.instance_id: i for i in second_gateway.list()}
+    assert instance_id in listed and listed[instance_id].program_id == programs[TEXT]
+    second_gateway.send(instance_id, "a message it never reads")
+    second_gateway.terminate(instance_id)
+    last = [e for e in events if not isinstance(e, Message)][-1]
+    assert isinstance(last, Failed) and "terminated by its client" in last.error, last
+    with pytest.raises(RequestFailed) as ended:
+        second_gateway.send(instance_id, "late")
+    assert ended.value.code == grpc.StatusCode.FAILED_PRECONDITION and "has ended" in ended.value.details
+    assert instance_id not in [i.instance_id for i in client.list()]
+    _, messages, last = collect(second_gateway.launch(programs[TEXT], ["--prompt", "What is the capital of France?",
+                                                                     "--max-tokens", "8"]))
+    assert isinstance(last, Finished) and "Paris" in "".join(messages), last
+    settled(cluster)
+
+
+def test_attach_through_another_gateway_takes_over_the_stream_from_where_the_client_left_off(
+        cluster, client, programs, second_gateway):
+    """The client read a few events through one gateway; an Attach through the other from the next seq
+    gets every later event once, then the end; the first stream ends saying another client attached.
+    The owner token is checked, and a seq the replay buffer does not hold is refused saying what it holds."""
+    stream = client.launch(programs[TEXT], ["--prompt", "Count from one to thirty.", "--max-tokens", "40",
+                                            "--ignore-eos"])
+    events = stream.events_pb()
+    seen = [next(events) for _ in range(4)]  # started, three messages
+    assert [e.seq for e in seen] == [0, 1, 2, 3] and stream.owner_token
+    with pytest.raises(RequestFailed) as denied:
+        list(second_gateway.attach(stream.instance_id, "not-the-token", 4))
+    assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(RequestFailed) as ahead:
+        list(second_gateway.attach(stream.instance_id, stream.owner_token, 10_000))
+    assert ahead.value.code == grpc.StatusCode.OUT_OF_RANGE and "never sent" in ahead.value.details
+    resumed = second_gateway.resume(stream)
+    rest = list(resumed.events_pb())
+    assert [e.seq for e in rest] == list(range(4, 4 + len(rest))), "events lost or repeated"
+    assert rest[-1].WhichOneof("kind") == "finished" and rest[-1].seq == 40 + 1, rest[-1]  # 40 messages, then the end
+    old = [e for e in events if e.WhichOneof("kind") != "message"]
+    assert old and old[-1].WhichOneof("kind") == "failed" and "another client attached" in old[-1].failed.error
+    # ended: its events stay attachable a while, from any seq still held
+    again = list(second_gateway.attach(stream.instance_id, stream.owner_token, 40).events_pb())
+    assert [e.seq for e in again] == [40, 41] and again[-1].WhichOneof("kind") == "finished"
+    settled(cluster)
 
 
 def test_health_sums_both_workers(client):

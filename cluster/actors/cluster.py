@@ -23,7 +23,7 @@ from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, Directory,
 from cluster.actors.host_actor import HostActor
 from cluster.actors.worker_actor import WorkerActor
 from cluster.worker.batcher import BatchPolicy
-from cluster.actors.gateway import GatewayService, HostLink
+from cluster.actors.gateway import GatewayService
 from cluster.api.grpc_server import DEFAULT_MAX_RUNNING
 from cluster.api.program_store import ProgramStore
 from cluster.services.http_client import HttpPolicy
@@ -89,14 +89,10 @@ class Cluster:
         """The token the cluster's own services require of each other (the directory keeps it)."""
         return self.directory.internal_token()
 
-    def host_links(self) -> list[HostLink]:
-        import ray
-
-        token = self.internal_token
-        return [HostLink(lambda h=h: tuple(ray.get(h.address.remote())), token) for h in self.hosts]
-
     def gateway_service(self, store: ProgramStore | None = None) -> GatewayService:
-        service = GatewayService(self.host_links(), self.directory, store or ProgramStore(), self.spec.max_running)
+        """A gateway over this cluster: as many as wanted, each keeping no state of its own."""
+        service = GatewayService(self.directory, store or ProgramStore(), self.spec.max_running,
+                                 internal_token=self.internal_token)
         service.cluster = self  # Ray ends actors whose handles are all gone (named or not): the gateway keeps them
         return service
 

@@ -2,8 +2,9 @@
 
 `Directory` is cluster.actors.kv_directory.KvDirectory plus what a cluster needs around it: where each
 worker serves its handler calls (its gRPC target, which changes when Ray restarts it) and the
-model the workers run (so a host can tokenize before it has dialled any worker), and the cluster's
-message bus (`bus_target()`, see cluster/rpc/bus_service.py). Ray runs it as
+model the workers run (so a host can tokenize before it has dialled any worker), the cluster's
+message bus (`bus_target()`, see cluster/rpc/bus_service.py), and what every gateway shares: the
+hosts, the table of inferlets and the uploaded programs (cluster/actors/host_registry.py). Ray runs it as
 the named actor DIRECTORY_NAME; `DirectoryHandle` makes its methods plain blocking calls that
 raise the directory's own errors, so cluster code reads the same against a Directory in process
 (tests) or the actor.
@@ -15,6 +16,7 @@ import threading
 from cluster.rpc.bus_service import BusServer
 from cluster.errors import InferletError
 from cluster.actors.directory_records import Reclaimed
+from cluster.actors.host_registry import HostRegistry
 from cluster.actors.kv_directory import KvDirectory
 from cluster.errors import DirectoryUnavailable, NoLiveWorker
 from cluster.services.messaging import BusLimits, MessageBus
@@ -24,13 +26,14 @@ DIRECTORY_NAME = "pie-directory"
 NAMESPACE = "pie"  # the Ray namespace of every cluster-mode actor
 
 
-class Directory(KvDirectory):
+class Directory(KvDirectory, HostRegistry):
     def __init__(self, page_size: int, cache_key: str = "", bus_address: str | None = None,
                  internal_token: str | None = None):
         """`bus_address`: where the cluster's message bus serves once started (default: the node's
         address when in Ray, else loopback). `internal_token`: the secret the cluster's own services
         require of each other (see cluster/actors/cluster.py); None: they require nothing."""
-        super().__init__(page_size, cache_key)
+        KvDirectory.__init__(self, page_size, cache_key)
+        HostRegistry.__init__(self)
         self._internal_token = internal_token
         self._targets: dict[str, str] = {}  # worker id -> its handler-call service, host:port
         self._model: dict | None = None  # worker_service.describe() of the first worker
@@ -63,6 +66,15 @@ class Directory(KvDirectory):
             if self._targets.get(worker_id) != target:
                 return Reclaimed()
         return self.worker_died(worker_id)
+
+    def host_died(self, host_id: str) -> Reclaimed:
+        """The host is gone: it leaves the host table, and its inferlets end (what they owned is dropped)."""
+        self.drop_host(host_id)
+        return super().host_died(host_id)
+
+    def _hosts_dropped(self, host_ids: list[str]) -> None:
+        for host_id in host_ids:
+            KvDirectory.host_died(self, host_id)
 
     def model(self) -> dict:
         with self._meta_lock:

@@ -4,10 +4,17 @@ The host serves pie.v1.Inferlets on its node's address (any free port); `address
 gateway its host id and target. Launches are placed by the directory (see cluster/actors/cluster_host.py)
 using the request's prompt hint. Ray restarts a killed host actor; it comes back empty with a new
 id and port, and the gateway dials it again.
+
+The host reports to the directory every HOST_REPORT_S (cluster/actors/host_registry.py), which is how
+the gateways find it, and records each inferlet it runs in the directory's instance table, so any
+gateway can reach it. An inferlet whose gateway stream breaks without a Terminate (the gateway
+died) runs on for DETACH_GRACE_S, its events kept for an Attach through another gateway.
 """
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Callable
 
 from wasmtime import component as wc
@@ -15,6 +22,7 @@ from wasmtime import component as wc
 from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, DirectoryHandle
 from cluster.rpc.bus_service import RemoteBus
 from cluster.actors.cluster_host import ClusterHost
+from cluster.actors.host_registry import HOST_REPORT_S, token_digest
 from cluster.api.grpc_server import DEFAULT_MAX_RUNNING, InferletService, cache_scope, serve_service
 from cluster.runtime.inferlet_host import Outcome, RunningInferlet
 from cluster.api.program_store import ProgramStore
@@ -22,6 +30,8 @@ from cluster.proto import pie_pb2
 from cluster.runtime.sandbox import Limits
 from cluster.services.http_client import HttpPolicy
 
+log = logging.getLogger("pie.host")
+DETACH_GRACE_S = 60.0  # an inferlet whose gateway stream broke waits this long for an Attach
 
 class HostService(InferletService):
     """The client API of one ClusterHost: launches carry the prompt hint to placement."""
@@ -34,6 +44,30 @@ class HostService(InferletService):
     def _capacity(self) -> dict:
         return self.host.directory.capacity()
 
+    def _instance_started(self, instance_id: str, request: pie_pb2.LaunchRequest, owner_token: str) -> None:
+        try:
+            self.host.directory.instance_started(instance_id, self.host.host_id, request.program_id,
+                                                 token_digest(owner_token))
+        except Exception as e:  # the directory is restarting: this host's next report records it again
+            log.warning("%s: could not record it in the directory: %r", instance_id, e)
+
+    def _instance_ended(self, instance_id: str) -> None:
+        try:
+            self.host.directory.instance_ended(instance_id)
+        except Exception as e:
+            log.warning("%s: could not record its end in the directory: %r", instance_id, e)
+
+    def running_records(self) -> list[tuple[str, str, str, float]]:
+        """(instance id, program id, owner token digest, started as time.time()) of what runs here."""
+        offset = time.time() - time.monotonic()
+        with self._lock:
+            return [(iid, x.program_id, token_digest(x.owner_token), x.started + offset)
+                    for iid, x in self._live.items()]
+
+    def running_count(self) -> int:
+        with self._lock:
+            return len(self._live) + self._starting
+
 
 class HostActor:
     def __init__(self, directory_name: str = DIRECTORY_NAME, limits: Limits = Limits(),
@@ -44,12 +78,40 @@ class HostActor:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         directory = DirectoryHandle(ray.get_actor(directory_name, namespace=NAMESPACE))
+        self._stopped = threading.Event()
         token = directory.internal_token()  # what the workers and the bus require, and this host of the gateway
         # the cluster's message bus runs in the directory's process; found when an inferlet first messages
         self.host = ClusterHost(directory, limits, http_policy, bus=RemoteBus(directory.bus_target, token=token),
                                 internal_token=token)
-        service = HostService(self.host, ProgramStore(), max_running)
-        self.server = serve_service(service, port=0, address=address or ray.util.get_node_ip_address(), token=token)
+        self.service = HostService(self.host, ProgramStore(), max_running, detach_grace_s=DETACH_GRACE_S)
+        self.server = serve_service(self.service, port=0, address=address or ray.util.get_node_ip_address(),
+                                    token=token)
+        self._directory, self._max_running = directory, max_running
+        self._actor_name = ray.get_runtime_context().get_actor_name() or ""
+        self._report()  # before any gateway looks for it
+        threading.Thread(target=self._reporting, name="host-report", daemon=True).start()
+
+    def _report(self) -> None:
+        known = self._directory.host_alive(self.host.host_id, self.server.target, self._max_running,
+                                           self._actor_name)
+        if not known:  # new, or the directory restarted and forgot this host's inferlets
+            self._directory.instances_restore(self.host.host_id, self.service.running_records())
+
+    def _reporting(self) -> None:
+        while not self._stopped.wait(HOST_REPORT_S):
+            try:
+                self._report()
+            except Exception as e:  # the directory is restarting: the next round reports again
+                log.debug("host report failed: %r", e)
+
+    def running(self) -> int:
+        """Inferlets running here (and starting): the pool drains a host until this is 0."""
+        return self.service.running_count()
+
+    def shutdown(self, grace_s: float = 2.0) -> None:
+        """Stop serving (the pool removes this host): no more reports, running calls end after `grace_s`."""
+        self._stopped.set()
+        self.server.stop(grace_s)
 
     def address(self) -> tuple[str, str]:
         """(host id, target of its client API)."""

@@ -2,8 +2,13 @@
 
     with PieClient("127.0.0.1:50051", token=None) as client:
         program = client.upload("app.wasm")
-        for event in client.launch(program, ["--prompt", "Hi"]):
+        stream = client.launch(program, ["--prompt", "Hi"])
+        for event in stream:
             ...  # Started, then Message..., then Finished or Failed
+
+A stream that breaks without the client asking (RequestFailed: a cluster gateway died) can be
+picked up where it broke: `client.resume(stream)` attaches to the inferlet through any gateway
+and yields the events the client has not had yet.
 
 Every call that the server refuses, or that cannot reach it, raises RequestFailed with the status
 code and the server's explanation. The client is thread-safe (one channel, many calls).
@@ -49,6 +54,7 @@ class RequestFailed(Exception):
 @dataclass(frozen=True)
 class Started:
     instance_id: str
+    owner_token: str = ""  # what an Attach to it must give
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class Health:
 def _event(pb: pie_pb2.Event) -> Event:
     kind = pb.WhichOneof("kind")
     if kind == "started":
-        return Started(pb.started.instance_id)
+        return Started(pb.started.instance_id, pb.started.owner_token)
     if kind == "message":
         return Message(pb.message.text)
     if kind == "finished":
@@ -111,25 +117,35 @@ def _event(pb: pie_pb2.Event) -> Event:
 
 
 class LaunchStream:
-    """The events of one launched inferlet. Iterate it; `cancel()` stops the inferlet."""
+    """The events of one launched (or attached) inferlet. Iterate it; `cancel()` ends the call, which
+    stops a launched inferlet (an attached one waits for the next Attach: Terminate stops it)."""
 
-    def __init__(self, call, address: str, terminate=None):
+    def __init__(self, call, address: str, terminate=None, name: str = "Launch", instance_id: str | None = None,
+                 owner_token: str = "", last_seq: int = -1):
         self._call = call
         self._address = address
         self._terminate = terminate  # PieClient.terminate
+        self._name = name
         self._cancelled = False
-        self.instance_id: str | None = None  # known once Started has been seen
+        self.instance_id = instance_id  # known once Started has been seen
+        self.owner_token = owner_token  # likewise
+        self.last_seq = last_seq  # of the last event yielded: resume from last_seq + 1
 
     def __iter__(self) -> Iterator[Event]:
+        for pb in self.events_pb():
+            yield _event(pb)
+
+    def events_pb(self) -> Iterator[pie_pb2.Event]:
+        """The events as the server sent them (with their seq)."""
         try:
             for pb in self._call:
-                event = _event(pb)
-                if isinstance(event, Started):
-                    self.instance_id = event.instance_id
-                yield event
+                if pb.WhichOneof("kind") == "started":
+                    self.instance_id, self.owner_token = pb.started.instance_id, pb.started.owner_token
+                self.last_seq = pb.seq
+                yield pb
         except grpc.RpcError as e:
             if not (self._cancelled and e.code() == grpc.StatusCode.CANCELLED):
-                raise RequestFailed.of("Launch", self._address, e) from None
+                raise RequestFailed.of(self._name, self._address, e) from None
 
     @property
     def cancelled(self) -> bool:
@@ -213,6 +229,18 @@ class PieClient:
                                         tenant=tenant)
         call = self._stub.Launch(request, metadata=self._metadata)
         return LaunchStream(call, self.address, self.terminate)
+
+    def attach(self, instance_id: str, owner_token: str, from_seq: int = 0) -> LaunchStream:
+        """The events of a running (or recently ended) inferlet from `from_seq` on (see `resume`)."""
+        request = pie_pb2.AttachRequest(instance_id=instance_id, owner_token=owner_token, from_seq=from_seq)
+        call = self._stub.Attach(request, metadata=self._metadata)
+        return LaunchStream(call, self.address, self.terminate, "Attach", instance_id, owner_token, from_seq - 1)
+
+    def resume(self, stream: LaunchStream) -> LaunchStream:
+        """Attach to the inferlet of a stream that broke, for the events after the last it yielded."""
+        if stream.instance_id is None or not stream.owner_token:
+            raise ValueError("the stream broke before its `started` event: there is no inferlet to attach to")
+        return self.attach(stream.instance_id, stream.owner_token, stream.last_seq + 1)
 
     def send(self, instance_id: str, text: str) -> None:
         self._unary("Send", pie_pb2.SendRequest(instance_id=instance_id, text=text))

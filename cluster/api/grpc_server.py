@@ -5,12 +5,17 @@ maps the runtime's errors to gRPC status codes, here and nowhere else. A Launch 
 server thread for the inferlet's life, so the thread pool has one thread per allowed running
 inferlet plus a few for the other calls, which therefore never wait behind streams. However a
 Launch call ends (the inferlet ends, the client cancels or disconnects, the server stops), the
-inferlet is stopped and the host releases everything it held.
+inferlet is stopped and the host releases everything it held, unless the service was made with a
+detach grace (a cluster's host behind its gateways): then a Launch stream that breaks without a
+Terminate leaves the inferlet running for that long, its events held in a bounded replay buffer
+(cluster/runtime/replay_outbox.py) for an Attach with the owner token its `started` event gave.
 """
 from __future__ import annotations
 
 import collections
+import hmac
 import logging
+import secrets
 import threading
 import time
 from concurrent import futures
@@ -22,14 +27,14 @@ import grpc
 from wasmtime import component as wc
 
 from cluster import metrics
-from cluster.errors import (DirectoryUnavailable, HostBusy, InferletError, InvalidComponentError, NoLiveWorker,
-                            ProgramTooLarge, UnknownInferlet, UnknownProgram)
+from cluster.errors import (DirectoryUnavailable, HostBusy, InferletError, InvalidComponentError, NoLiveHost,
+                            NoLiveWorker, ProgramTooLarge, UnknownInferlet, UnknownProgram)
 from cluster.rpc.grpc_auth import BearerTokenAuth
 from cluster.runtime.inferlet_host import InferletHost, Outcome, RunningInferlet
 from cluster.api.program_store import ProgramStore
 from cluster.proto import pie_pb2, pie_pb2_grpc
 from cluster.rpc.remote_worker import WorkerUnavailable
-from cluster.runtime.outbox import Outbox
+from cluster.runtime.replay_outbox import Detached, NotInstanceOwner, ReplayGone, ReplayOutbox
 from cluster.runtime.sandbox import MAX_COMPONENT_BYTES, Limits
 from cluster.runtime.session import InferletEnded
 from cluster.runtime.wit_values import Refused
@@ -42,6 +47,8 @@ UNARY_THREADS = 32  # server threads beyond one per running inferlet: uploads, s
 ENDED_REMEMBERED = 4096  # ended instance ids kept, so a late Send says "ended" rather than "unknown"
 KEEPALIVE_MS = 30_000  # ping an idle connection this often, so a vanished client is noticed
 RECENT_FAILURES = 20  # failed inferlets the status page lists
+ATTACHABLE_ENDED = 256  # ended inferlets whose last events an Attach can still fetch
+ATTACHABLE_FOR_S = 120.0  # ... for this long after their end
 
 # the runtime's errors -> status codes; a subclass is listed before its base
 _STATUS_OF = (
@@ -49,10 +56,13 @@ _STATUS_OF = (
     (InvalidComponentError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownProgram, grpc.StatusCode.NOT_FOUND),
     (UnknownInferlet, grpc.StatusCode.NOT_FOUND),
+    (NotInstanceOwner, grpc.StatusCode.PERMISSION_DENIED),
+    (ReplayGone, grpc.StatusCode.OUT_OF_RANGE),
     (HostBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InferletEnded, grpc.StatusCode.FAILED_PRECONDITION),
     (Refused, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a message too large, an inbox full
     (NoLiveWorker, grpc.StatusCode.UNAVAILABLE),  # cluster mode: every worker is down or still loading
+    (NoLiveHost, grpc.StatusCode.UNAVAILABLE),  # cluster mode: every inferlet host is down or draining
     (DirectoryUnavailable, grpc.StatusCode.UNAVAILABLE),
     (WorkerUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
@@ -97,6 +107,8 @@ class _Live:
     program_id: str  # what it runs
     started: float  # time.monotonic() at launch
     api: str  # "grpc" or "openai"
+    events: ReplayOutbox | None = None  # a Launch's events (an Attach reads them); None: the OpenAI API's
+    owner_token: str = ""  # what an Attach must give
 
 
 @dataclass(frozen=True)
@@ -116,14 +128,19 @@ def _ended_cause(outcome: Outcome, live: "_Live | None") -> str:
 
 
 class InferletService(pie_pb2_grpc.InferletsServicer):
-    def __init__(self, host: InferletHost, store: ProgramStore, max_running: int = DEFAULT_MAX_RUNNING):
+    def __init__(self, host: InferletHost, store: ProgramStore, max_running: int = DEFAULT_MAX_RUNNING,
+                 detach_grace_s: float = 0.0):
+        """`detach_grace_s`: how long an inferlet whose Launch (or Attach) stream broke without a
+        Terminate keeps running for an Attach; 0: it is stopped at once (a client that goes away)."""
         self.host = host
+        self.detach_grace_s = detach_grace_s
         self.sandbox = host.sandbox  # compiles uploads, to refuse what is not an inferlet at once
         self.store = store
         self.max_running = max_running
         self._components: dict[str, wc.Component] = {}  # program id -> compiled, validated component
         self._live: dict[str, _Live] = {}  # instance id -> running inferlet
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._attachable: collections.OrderedDict[str, tuple[_Live, float]] = collections.OrderedDict()
         self._starting = 0  # launches under way, not yet in _live
         self._lock = threading.Lock()
         self.failures: collections.deque[Failure] = collections.deque(maxlen=RECENT_FAILURES)
@@ -136,11 +153,15 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                                         "inferlet world; build it with `pie build`")
         return component
 
+    def _program_path(self, program_id: str) -> Path:
+        """The stored program (a cluster gateway fetches one another gateway stored); UnknownProgram."""
+        return self.store.path(program_id)
+
     def _component(self, program_id: str) -> wc.Component:
         with self._lock:
             component = self._components.get(program_id)
         if component is None:
-            component = self._compile(self.store.path(program_id))  # stored by an earlier server
+            component = self._compile(self._program_path(program_id))  # stored by an earlier server
             with self._lock:
                 self._components[program_id] = component
         return component
@@ -152,8 +173,7 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                 if i == 0:
                     declared, total_size = chunk.sha256.lower(), chunk.total_size
                     self.store.check_size(total_size)
-                    if declared and self.store.has(declared):  # the same bytes again: no need to read them
-                        self._component(declared)
+                    if declared and self._holds(declared):  # the same bytes again: no need to read them
                         return pie_pb2.ProgramRef(program_id=declared, already_present=True,
                                                   size=self.store.path(declared).stat().st_size)
                 size += len(chunk.data)
@@ -166,6 +186,14 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
                                       already_present=stored.already_present)
         except InferletError as e:
             _refuse(context, e)
+
+    def _holds(self, program_id: str) -> bool:
+        """Whether the program is stored (and then compiled), here or where this service fetches from."""
+        try:
+            self._component(program_id)
+            return True
+        except UnknownProgram:
+            return False
 
     def _store(self, data: bytes, declared: str = ""):
         """Store and compile a component (refusing what is not an inferlet); its StoredProgram."""
@@ -193,13 +221,18 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
         return self._start(self._component(program_id), request, events, api="openai")
 
     def _start(self, component: wc.Component, request: pie_pb2.LaunchRequest, events,
-               api: str = "grpc") -> RunningInferlet:
+               api: str = "grpc", owner_token: str = "") -> RunningInferlet:
         def ended(outcome: Outcome) -> None:  # on the scheduler thread (or a relay's)
             with self._lock:
                 live = self._live.pop(outcome.instance_id, None)
                 self._ended[outcome.instance_id] = None
                 while len(self._ended) > ENDED_REMEMBERED:
                     self._ended.popitem(last=False)
+                if live is not None and live.events is not None:  # its last events stay attachable a while
+                    self._attachable[outcome.instance_id] = (live, time.monotonic())
+                    while len(self._attachable) > ATTACHABLE_ENDED:
+                        self._attachable.popitem(last=False)
+            self._instance_ended(outcome.instance_id)
             cause = _ended_cause(outcome, live)
             metrics.INFERLETS_RUNNING.dec()
             metrics.INFERLETS_ENDED.labels(cause).inc()
@@ -224,11 +257,21 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
             raise
         metrics.INFERLETS_LAUNCHED.labels(api).inc()
         metrics.LAUNCH_SECONDS.observe(time.monotonic() - t0)
+        owner_token = getattr(running, "owner_token", None) or owner_token  # a relayed one's is its host's
         with self._lock:  # one step from starting to live, so no other launch slips past the limit between
             self._starting -= 1
             if running.instance_id not in self._ended:  # it may have ended already
-                self._live[running.instance_id] = _Live(running, request.program_id, t0, api)
+                self._live[running.instance_id] = _Live(running, request.program_id, t0, api,
+                                                        events if isinstance(events, ReplayOutbox) else None,
+                                                        owner_token)
+        self._instance_started(running.instance_id, request, owner_token)
         return running
+
+    def _instance_started(self, instance_id: str, request: pie_pb2.LaunchRequest, owner_token: str) -> None:
+        """An inferlet started here (a cluster host records it in the directory's instance table)."""
+
+    def _instance_ended(self, instance_id: str) -> None:
+        """An inferlet that ran here ended."""
 
     def live(self) -> list[tuple[str, str, float, str]]:
         """(instance id, program id, seconds running, api) of each running inferlet."""
@@ -256,24 +299,83 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
 
     def Launch(self, request: pie_pb2.LaunchRequest, context) -> Iterator[pie_pb2.Event]:
         latency = TokenLatency("grpc")
-        events = Outbox(*self.outbox_bounds())  # send waits while the client lags
+        events = ReplayOutbox(*self.outbox_bounds())  # send waits while the client lags
+        owner_token = secrets.token_urlsafe(18)
         try:
-            running = self._start(self._component(request.program_id), request, events)
+            running = self._start(self._component(request.program_id), request, events, owner_token=owner_token)
         except InferletError as e:
             _refuse(context, e)
-        if not context.add_callback(lambda: running.stop("its client went away")):
-            running.stop("its client went away")  # the call had already ended
-        yield pie_pb2.Event(started=pie_pb2.Started(instance_id=running.instance_id))
+        owner_token = getattr(running, "owner_token", None) or owner_token  # as _start recorded it
+        self._watch_stream(context, running, events, events.reader)
+        yield pie_pb2.Event(started=pie_pb2.Started(instance_id=running.instance_id, owner_token=owner_token), seq=0)
+        yield from self._stream(events, events.reader, context, latency)
+
+    def Attach(self, request: pie_pb2.AttachRequest, context) -> Iterator[pie_pb2.Event]:
+        try:
+            live = self._attach_target(request.instance_id)
+            if not request.owner_token or not hmac.compare_digest(live.owner_token, request.owner_token):
+                raise NotInstanceOwner(f"the owner token given is not inferlet {request.instance_id}'s: give the "
+                                       f"owner_token of its Launch's `started` event")
+            reader = live.events.attach(request.from_seq)
+        except InferletError as e:
+            _refuse(context, e)
+        self._watch_stream(context, live.running, live.events, reader)
+        yield from self._stream(live.events, reader, context)
+
+    def _attach_target(self, instance_id: str) -> _Live:
+        """The running or recently ended inferlet an Attach names, with its events."""
+        now = time.monotonic()
+        with self._lock:
+            live = self._live.get(instance_id)
+            if live is None and instance_id in self._attachable:
+                live, ended_at = self._attachable[instance_id]
+                if now - ended_at > ATTACHABLE_FOR_S:
+                    del self._attachable[instance_id]
+                    live = None
+        if live is None:
+            self._find(instance_id)  # raises: ended long ago, or unknown
+        if live.events is None:
+            raise UnknownInferlet(f"inferlet {instance_id} was started by the OpenAI API: it has no event stream "
+                                  f"to attach to")
+        return live
+
+    def _watch_stream(self, context, running: RunningInferlet, events: ReplayOutbox, reader: int) -> None:
+        """When the call ends however it ends: stop the inferlet (no detach grace) or give it the grace."""
+        def gone():
+            if self.detach_grace_s <= 0:
+                running.stop("its client went away")
+            elif not running.done and events.reader == reader:
+                log.info("%s: its event stream broke; it runs on for %.0f s awaiting an Attach",
+                         running.instance_id, self.detach_grace_s)
+                timer = threading.Timer(self.detach_grace_s, abandoned)
+                timer.daemon = True
+                timer.start()
+
+        def abandoned():
+            if not running.done and events.reader == reader:
+                running.stop(f"its event stream broke and no client attached within {self.detach_grace_s:.0f} s")
+
+        if not context.add_callback(gone):
+            gone()  # the call had already ended
+
+    def _stream(self, events: ReplayOutbox, reader: int, context, latency: TokenLatency | None = None
+                ) -> Iterator[pie_pb2.Event]:
+        """A reader's events, each with its seq, through the inferlet's end."""
         while True:
-            item = events.get()
+            try:
+                seq, item = events.next(reader)
+            except Detached:
+                context.abort(grpc.StatusCode.ABORTED, "another client attached to this inferlet's events (Attach): "
+                                                       "this stream ends here")
             if isinstance(item, Outcome):
                 if item.ok:
-                    yield pie_pb2.Event(finished=pie_pb2.Finished())
+                    yield pie_pb2.Event(finished=pie_pb2.Finished(), seq=seq)
                 else:
-                    yield pie_pb2.Event(failed=pie_pb2.Failed(error=item.error))
+                    yield pie_pb2.Event(failed=pie_pb2.Failed(error=item.error), seq=seq)
                 return
-            latency.message()
-            yield pie_pb2.Event(message=pie_pb2.Message(text=item))
+            if latency is not None:
+                latency.message()
+            yield pie_pb2.Event(message=pie_pb2.Message(text=item), seq=seq)
 
     def _find(self, instance_id: str) -> _Live:
         with self._lock:
@@ -308,9 +410,12 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
             for iid, x in live])
 
     def Health(self, request: pie_pb2.Empty, context) -> pie_pb2.HealthReply:
+        return pie_pb2.HealthReply(status="serving", running=self._running_count(), **self._capacity())
+
+    def _running_count(self) -> int:
+        """Inferlets launched through this service and not yet ended (a cluster gateway: through any)."""
         with self._lock:
-            running = len(self._live)
-        return pie_pb2.HealthReply(status="serving", running=running, **self._capacity())
+            return len(self._live)
 
     def _capacity(self) -> dict:
         """The model and KV pages behind this service: HealthReply's model, free_pages, total_pages, cached_pages."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63luster/proto/pie.proto\x12\x06pie.v1\"\x07\n\x05\x45mpty\"?\n\x0bUploadChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"G\n\nProgramRef\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"[\n\rLaunchRequest\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x03(\t\x12\x13\n\x0bprompt_hint\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\x9f\x01\n\x05\x45vent\x12\"\n\x07started\x18\x01 \x01(\x0b\x32\x0f.pie.v1.StartedH\x00\x12\"\n\x07message\x18\x02 \x01(\x0b\x32\x0f.pie.v1.MessageH\x00\x12$\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x10.pie.v1.FinishedH\x00\x12 \n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x0e.pie.v1.FailedH\x00\x42\x06\n\x04kind\"\x1e\n\x07Started\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x17\n\x07Message\x12\x0c\n\x04text\x18\x01 \x01(\t\"\n\n\x08\x46inished\"\x17\n\x06\x46\x61iled\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"0\n\x0bSendRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\'\n\x10TerminateRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"7\n\x0cInferletList\x12\'\n\tinferlets\x18\x01 \x03(\x0b\x32\x14.pie.v1.InferletInfo\"P\n\x0cInferletInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\nprogram_id\x18\x02 \x01(\t\x12\x17\n\x0fseconds_running\x18\x03 \x01(\x01\"|\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nfree_pages\x18\x03 \x01(\r\x12\x13\n\x0btotal_pages\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_pages\x18\x06 \x01(\r2\xaf\x02\n\tInferlets\x12\x33\n\x06Upload\x12\x13.pie.v1.UploadChunk\x1a\x12.pie.v1.ProgramRef(\x01\x12\x30\n\x06Launch\x12\x15.pie.v1.LaunchRequest\x1a\r.pie.v1.Event0\x01\x12*\n\x04Send\x12\x13.pie.v1.SendRequest\x1a\r.pie.v1.Empty\x12\x34\n\tTerminate\x12\x18.pie.v1.TerminateRequest\x1a\r.pie.v1.Empty\x12+\n\x04List\x12\r.pie.v1.Empty\x1a\x14.pie.v1.InferletList\x12,\n\x06Health\x12\r.pie.v1.Empty\x1a\x13.pie.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63luster/proto/pie.proto\x12\x06pie.v1\"\x07\n\x05\x45mpty\"?\n\x0bUploadChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"G\n\nProgramRef\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"[\n\rLaunchRequest\x12\x12\n\nprogram_id\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x03(\t\x12\x13\n\x0bprompt_hint\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\xac\x01\n\x05\x45vent\x12\"\n\x07started\x18\x01 \x01(\x0b\x32\x0f.pie.v1.StartedH\x00\x12\"\n\x07message\x18\x02 \x01(\x0b\x32\x0f.pie.v1.MessageH\x00\x12$\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x10.pie.v1.FinishedH\x00\x12 \n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x0e.pie.v1.FailedH\x00\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x42\x06\n\x04kind\"3\n\x07Started\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bowner_token\x18\x02 \x01(\t\"K\n\rAttachRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bowner_token\x18\x02 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x03 \x01(\x04\"\x17\n\x07Message\x12\x0c\n\x04text\x18\x01 \x01(\t\"\n\n\x08\x46inished\"\x17\n\x06\x46\x61iled\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"0\n\x0bSendRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\'\n\x10TerminateRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"7\n\x0cInferletList\x12\'\n\tinferlets\x18\x01 \x03(\x0b\x32\x14.pie.v1.InferletInfo\"P\n\x0cInferletInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\nprogram_id\x18\x02 \x01(\t\x12\x17\n\x0fseconds_running\x18\x03 \x01(\x01\"|\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nfree_pages\x18\x03 \x01(\r\x12\x13\n\x0btotal_pages\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x14\n\x0c\x63\x61\x63hed_pages\x18\x06 \x01(\r2\xe1\x02\n\tInferlets\x12\x33\n\x06Upload\x12\x13.pie.v1.UploadChunk\x1a\x12.pie.v1.ProgramRef(\x01\x12\x30\n\x06Launch\x12\x15.pie.v1.LaunchRequest\x1a\r.pie.v1.Event0\x01\x12\x30\n\x06\x41ttach\x12\x15.pie.v1.AttachRequest\x1a\r.pie.v1.Event0\x01\x12*\n\x04Send\x12\x13.pie.v1.SendRequest\x1a\r.pie.v1.Empty\x12\x34\n\tTerminate\x12\x18.pie.v1.TerminateRequest\x1a\r.pie.v1.Empty\x12+\n\x04List\x12\r.pie.v1.Empty\x1a\x14.pie.v1.InferletList\x12,\n\x06Health\x12\r.pie.v1.Empty\x1a\x13.pie.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAUNCHREQUEST']._serialized_start=182
   _globals['_LAUNCHREQUEST']._serialized_end=273
   _globals['_EVENT']._serialized_start=276
-  _globals['_EVENT']._serialized_end=435
-  _globals['_STARTED']._serialized_start=437
-  _globals['_STARTED']._serialized_end=467
-  _globals['_MESSAGE']._serialized_start=469
-  _globals['_MESSAGE']._serialized_end=492
-  _globals['_FINISHED']._serialized_start=494
-  _globals['_FINISHED']._serialized_end=504
-  _globals['_FAILED']._serialized_start=506
-  _globals['_FAILED']._serialized_end=529
-  _globals['_SENDREQUEST']._serialized_start=531
-  _globals['_SENDREQUEST']._serialized_end=579
-  _globals['_TERMINATEREQUEST']._serialized_start=581
-  _globals['_TERMINATEREQUEST']._serialized_end=620
-  _globals['_INFERLETLIST']._serialized_start=622
-  _globals['_INFERLETLIST']._serialized_end=677
-  _globals['_INFERLETINFO']._serialized_start=679
-  _globals['_INFERLETINFO']._serialized_end=759
-  _globals['_HEALTHREPLY']._serialized_start=761
-  _globals['_HEALTHREPLY']._serialized_end=885
-  _globals['_INFERLETS']._serialized_start=888
-  _globals['_INFERLETS']._serialized_end=1191
+  _globals['_EVENT']._serialized_end=448
+  _globals['_STARTED']._serialized_start=450
+  _globals['_STARTED']._serialized_end=501
+  _globals['_ATTACHREQUEST']._serialized_start=503
+  _globals['_ATTACHREQUEST']._serialized_end=578
+  _globals['_MESSAGE']._serialized_start=580
+  _globals['_MESSAGE']._serialized_end=603
+  _globals['_FINISHED']._serialized_start=605
+  _globals['_FINISHED']._serialized_end=615
+  _globals['_FAILED']._serialized_start=617
+  _globals['_FAILED']._serialized_end=640
+  _globals['_SENDREQUEST']._serialized_start=642
+  _globals['_SENDREQUEST']._serialized_end=690
+  _globals['_TERMINATEREQUEST']._serialized_start=692
+  _globals['_TERMINATEREQUEST']._serialized_end=731
+  _globals['_INFERLETLIST']._serialized_start=733
+  _globals['_INFERLETLIST']._serialized_end=788
+  _globals['_INFERLETINFO']._serialized_start=790
+  _globals['_INFERLETINFO']._serialized_end=870
+  _globals['_HEALTHREPLY']._serialized_start=872
+  _globals['_HEALTHREPLY']._serialized_end=996
+  _globals['_INFERLETS']._serialized_start=999
+  _globals['_INFERLETS']._serialized_end=1352
 # @@protoc_insertion_point(module_scope)

@@ -43,22 +43,36 @@ class LaunchRequest(_message.Message):
     def __init__(self, program_id: _Optional[str] = ..., arguments: _Optional[_Iterable[str]] = ..., prompt_hint: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("started", "message", "finished", "failed")
+    __slots__ = ("started", "message", "finished", "failed", "seq")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     started: Started
     message: Message
     finished: Finished
     failed: Failed
-    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ...) -> None: ...
+    seq: int
+    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("instance_id",)
+    __slots__ = ("instance_id", "owner_token")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
-    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+    owner_token: str
+    def __init__(self, instance_id: _Optional[str] = ..., owner_token: _Optional[str] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("instance_id", "owner_token", "from_seq")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQ_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    owner_token: str
+    from_seq: int
+    def __init__(self, instance_id: _Optional[str] = ..., owner_token: _Optional[str] = ..., from_seq: _Optional[int] = ...) -> None: ...
 
 class Message(_message.Message):
     __slots__ = ("text",)

@@ -45,6 +45,11 @@ class InferletsStub:
                 request_serializer=cluster_dot_proto_dot_pie__pb2.LaunchRequest.SerializeToString,
                 response_deserializer=cluster_dot_proto_dot_pie__pb2.Event.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/pie.v1.Inferlets/Attach',
+                request_serializer=cluster_dot_proto_dot_pie__pb2.AttachRequest.SerializeToString,
+                response_deserializer=cluster_dot_proto_dot_pie__pb2.Event.FromString,
+                _registered_method=True)
         self.Send = channel.unary_unary(
                 '/pie.v1.Inferlets/Send',
                 request_serializer=cluster_dot_proto_dot_pie__pb2.SendRequest.SerializeToString,
@@ -83,7 +88,19 @@ class InferletsServicer:
 
     def Launch(self, request, context):
         """Run an uploaded program: `started`, then one `message` per thing it sends, then exactly one
-        of `finished` or `failed`. Cancelling the call stops the inferlet.
+        of `finished` or `failed`, each numbered by `seq`. Cancelling the call stops the inferlet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request, context):
+        """The events of a running (or recently ended) inferlet from `from_seq` on, for a client whose
+        Launch stream broke without its asking (a cluster gateway that died): the inferlet kept
+        running, and its recent events wait in a bounded replay buffer. Any gateway of a cluster
+        answers it. Needs the owner token of the Launch's `started`. A newer Attach takes the stream
+        over (the older one ends with ABORTED); cancelling an Attach does not stop the inferlet, whose
+        host waits a grace period for the next Attach before it stops it (Terminate stops it at once).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +143,11 @@ def add_InferletsServicer_to_server(servicer, server):
             'Launch': grpc.unary_stream_rpc_method_handler(
                     servicer.Launch,
                     request_deserializer=cluster_dot_proto_dot_pie__pb2.LaunchRequest.FromString,
+                    response_serializer=cluster_dot_proto_dot_pie__pb2.Event.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=cluster_dot_proto_dot_pie__pb2.AttachRequest.FromString,
                     response_serializer=cluster_dot_proto_dot_pie__pb2.Event.SerializeToString,
             ),
             'Send': grpc.unary_unary_rpc_method_handler(
@@ -203,6 +225,33 @@ class Inferlets:
             target,
             '/pie.v1.Inferlets/Launch',
             cluster_dot_proto_dot_pie__pb2.LaunchRequest.SerializeToString,
+            cluster_dot_proto_dot_pie__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pie.v1.Inferlets/Attach',
+            cluster_dot_proto_dot_pie__pb2.AttachRequest.SerializeToString,
             cluster_dot_proto_dot_pie__pb2.Event.FromString,
             options,
             channel_credentials,

@@ -72,14 +72,19 @@ class Outbox:
         with self._cond:
             if not self._cond.wait_for(lambda: self._items, timeout):
                 raise TimeoutError("no message within the timeout")
-            item, size = self._items.popleft()
-            if isinstance(item, str):
-                self._bytes -= size
-                self._count -= 1
-            admitted = self._admit()
+            item, admitted = self._take()
         for waiting in admitted:  # outside the lock: completing wakes the inferlet
             waiting.complete(None)
         return item
+
+    def _take(self) -> tuple[object, list[Pending]]:
+        """Under the lock, with an item there: the next item, and the blocked sends it made room for
+        (complete them outside the lock)."""
+        item, size = self._items.popleft()
+        if isinstance(item, str):
+            self._bytes -= size
+            self._count -= 1
+        return item, self._admit()
 
     @property
     def buffered_bytes(self) -> int:
