@@ -6,10 +6,10 @@
 
 One directory actor (which also runs the message bus every inferlet shares), `workers` worker
 actors (each asks Ray for `worker_resources`: num_gpus=1 on a GPU cluster, nothing on a CPU box)
-and `hosts` host actors, all named and restarted by Ray
-when they die. Actors that already exist under those names are reused (a second gateway, or a
-Serve replica that restarted, joins the same cluster). `pie serve --ray` and deploy/app.py both
-start the cluster through here.
+and `hosts` host actors (`host_resources`), all named and restarted by Ray when they die (on a node
+that is left, when theirs is lost); `spread` places them over the nodes. Actors that already exist
+under those names are reused (a second gateway, or a Serve replica that restarted, joins the same
+cluster). `pie serve --ray` and deploy/app.py both start the cluster through here.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ WORKER_NAME = "pie-worker-{}"
 HOST_NAME = "pie-host-{}"
 START_ATTEMPTS = 3  # starts of a local Ray (see init_local_ray)
 START_TIMEOUTS = ("gcs_server_port", "timed out during startup")  # the start failures worth another try
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives its head node this resource (1 of it), and no other node
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class ClusterSpec:
     torch_threads: int | None = None  # per CPU worker (default: the node's cores shared among its workers)
     policy: BatchPolicy = BatchPolicy()
     worker_resources: dict = field(default_factory=dict)  # e.g. {"num_gpus": 1}; {} asks Ray for nothing
+    host_resources: dict = field(default_factory=dict)  # e.g. {"resources": {"host_slot": 1}}: where hosts may run
+    # several nodes: Ray places the workers on as many nodes as it can, and the hosts likewise (its "SPREAD"
+    # strategy, best effort), and the directory on the head node, which the cluster cannot lose anyway (Ray's GCS
+    # runs there). False: Ray's default (pack each node before the next)
+    spread: bool = False
     max_running: int = DEFAULT_MAX_RUNNING  # per host, and at the gateway
     # where workers and hosts listen: None = each node's address (multi-node); "127.0.0.1" on one machine.
     # Their services require the cluster's internal token of each other (below); keep them on a private
@@ -154,9 +160,12 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     if not ray.is_initialized():
         raise RuntimeError("start Ray first: ray.init() (a local cluster) or ray.init(address='auto')")
     threads = spec.torch_threads or max(1, (os.cpu_count() or 1) // max(1, spec.workers))
+    spread = {"scheduling_strategy": "SPREAD"} if spec.spread else {}
+    on_head = {"resources": {HEAD_NODE_RESOURCE: 0.001}} if spec.spread else {}
     directory = ray.remote(Directory).options(
         name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
         max_task_retries=-1,  # a call made while it restarts waits for it instead of failing
+        **on_head,
     ).remote(spec.page_size, bus_address=spec.bind_address,
               internal_token=spec.internal_token or secrets.token_urlsafe(24))
     # Ray starts actors with OMP_NUM_THREADS=1 (num_cpus of the actor) and at nice 15; torch.set_num_threads
@@ -164,14 +173,14 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     workers = [ray.remote(WorkerActor).options(
         name=WORKER_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
-        num_cpus=0, max_concurrency=8, runtime_env={"env_vars": threads_env}, **spec.worker_resources,
+        num_cpus=0, max_concurrency=8, runtime_env={"env_vars": threads_env}, **{**spread, **spec.worker_resources},
     ).remote(f"worker-{i}", DIRECTORY_NAME, model=spec.model, dtype=spec.dtype, quant=spec.quant,
               executor=spec.executor, num_pages=spec.num_pages, torch_threads=threads, policy=spec.policy,
               device=spec.device, address=spec.bind_address)
         for i in range(spec.workers)]
     hosts = [ray.remote(HostActor).options(
         name=HOST_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
-        num_cpus=0, max_concurrency=8,
+        num_cpus=0, max_concurrency=8, **{**spread, **spec.host_resources},
     ).remote(DIRECTORY_NAME, max_running=spec.max_running, address=spec.bind_address, http_policy=spec.http_policy)
         for i in range(spec.hosts)]
     cluster = Cluster(spec, directory, workers, hosts)

@@ -127,3 +127,9 @@ class HostActor:
         import os
 
         return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (hex), for placement checks."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

@@ -129,6 +129,12 @@ class WorkerActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (hex), for placement checks."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def metrics_text(self) -> str:
         """This process's Prometheus metrics (the gateway gathers them onto its /metrics)."""
         return metrics.exposition().decode()
