@@ -178,12 +178,19 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
               executor=spec.executor, num_pages=spec.num_pages, torch_threads=threads, policy=spec.policy,
               device=spec.device, address=spec.bind_address)
         for i in range(spec.workers)]
-    hosts = [ray.remote(HostActor).options(
-        name=HOST_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
-        num_cpus=0, max_concurrency=8, **{**spread, **spec.host_resources},
-    ).remote(DIRECTORY_NAME, max_running=spec.max_running, address=spec.bind_address, http_policy=spec.http_policy)
-        for i in range(spec.hosts)]
+    hosts = [start_host(spec, i, spread) for i in range(spec.hosts)]
     cluster = Cluster(spec, directory, workers, hosts)
     if wait:
         cluster.wait_for_workers()
     return cluster
+
+
+def start_host(spec: ClusterSpec, index: int, placement: dict):
+    """Create (or find) the host actor HOST_NAME.format(index): start_cluster's hosts, and those the elastic
+    pool adds. `placement`: the scheduling options start_cluster gives workers and hosts alike (spread)."""
+    import ray
+
+    return ray.remote(HostActor).options(
+        name=HOST_NAME.format(index), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
+        num_cpus=0, max_concurrency=8, **{**placement, **spec.host_resources},
+    ).remote(DIRECTORY_NAME, max_running=spec.max_running, address=spec.bind_address, http_policy=spec.http_policy)
