@@ -7,12 +7,16 @@
 One directory actor (which also runs the message bus every inferlet shares), `workers` worker
 actors (each asks Ray for `worker_resources`: num_gpus=1 on a GPU cluster, nothing on a CPU box)
 and `hosts` host actors (`host_resources`), all named and restarted by Ray when they die (on a node
-that is left, when theirs is lost); `spread` places them over the nodes. Actors that already exist
+that is left, when theirs is lost); `spread` places them over the nodes. With `max_hosts` above `hosts`
+the host pool is elastic: the pool actor (cluster/actors/host_pool.py) adds hosts up to `max_hosts` when
+they are busy or full and removes the ones it added once idle for `host_idle_s`. Actors that already exist
 under those names are reused (a second gateway, or a Serve replica that restarted, joins the same
 cluster). `pie serve --ray` and deploy/app.py both start the cluster through here.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import secrets
 import sys
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 
 from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, Directory, DirectoryHandle
 from cluster.actors.host_actor import HostActor
+from cluster.actors.host_pool import POOL_NAME, HostPool, PoolPolicy
 from cluster.actors.worker_actor import WorkerActor
 from cluster.worker.batcher import BatchPolicy
 from cluster.actors.gateway import GatewayService
@@ -31,8 +36,10 @@ from workers.errors import ModelLoadError
 from workers.executors import EXECUTORS, quant_refusal
 from workers.torch_executor import QUANTS
 
+log = logging.getLogger("pie.cluster")
 WORKER_NAME = "pie-worker-{}"
 HOST_NAME = "pie-host-{}"
+GROW_WAIT_S = 60.0  # how long a launch that finds every host full waits for the elastic pool's new host
 START_ATTEMPTS = 3  # starts of a local Ray (see init_local_ray)
 START_TIMEOUTS = ("gcs_server_port", "timed out during startup")  # the start failures worth another try
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives its head node this resource (1 of it), and no other node
@@ -42,6 +49,11 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives its head node this re
 class ClusterSpec:
     workers: int = 2  # worker actors: one per GPU, or CPU workers on a machine without one
     hosts: int = 1  # inferlet host actors (each runs many sandboxes)
+    # an elastic host pool: hosts added (one at a time, up to this many) when the hosts are busy or full, and
+    # those added removed again once idle for host_idle_s (drained first); never fewer than `hosts`.
+    # None (or `hosts`): a fixed pool of `hosts`
+    max_hosts: int | None = None
+    host_idle_s: float = 30.0
     model: str | None = None  # a .gguf file, a model directory or a hub id (default: SmolLM2)
     dtype: str = "bf16"
     quant: str = "none"  # the linear layers' weights: none, or int8 / int4 weight-only quantized (CPU kernels)
@@ -78,17 +90,33 @@ class ClusterSpec:
         why = quant_refusal(self.executor, self.quant)
         if why:
             raise ValueError(f"ClusterSpec.quant {self.quant!r} {why}")
+        if self.max_hosts is not None and (not isinstance(self.max_hosts, int) or self.max_hosts < self.hosts):
+            raise ValueError(f"ClusterSpec.max_hosts must be an int of at least hosts ({self.hosts}), or None for "
+                             f"a fixed pool, not {self.max_hosts!r}")
+        if self.elastic and self.hosts < 1:
+            raise ValueError(f"ClusterSpec.hosts must be at least 1 for an elastic pool (max_hosts), not {self.hosts}")
+        if not self.host_idle_s > 0:
+            raise ValueError(f"ClusterSpec.host_idle_s must be positive seconds, not {self.host_idle_s!r}")
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the host pool grows and shrinks (max_hosts above hosts)."""
+        return self.max_hosts is not None and self.max_hosts > self.hosts
+
+    def pool_policy(self) -> PoolPolicy:
+        return PoolPolicy(min_hosts=self.hosts, max_hosts=self.max_hosts or self.hosts, idle_s=self.host_idle_s)
 
 
 class Cluster:
     """Handles to the started actors."""
 
-    def __init__(self, spec: ClusterSpec, directory, workers: list, hosts: list):
+    def __init__(self, spec: ClusterSpec, directory, workers: list, hosts: list, pool=None):
         self.spec = spec
         self.directory_actor = directory
         self.directory = DirectoryHandle(directory)
         self.workers = workers  # worker actor handles, in worker-id order
-        self.hosts = hosts  # host actor handles
+        self.hosts = hosts  # the host actor handles start_cluster made (the elastic pool's are in the directory)
+        self.pool = pool  # the elastic pool's actor (HostPool), None for a fixed pool
 
     @property
     def internal_token(self) -> str | None:
@@ -96,11 +124,27 @@ class Cluster:
         return self.directory.internal_token()
 
     def gateway_service(self, store: ProgramStore | None = None) -> GatewayService:
-        """A gateway over this cluster: as many as wanted, each keeping no state of its own."""
-        service = GatewayService(self.directory, store or ProgramStore(), self.spec.max_running,
-                                 internal_token=self.internal_token)
+        """A gateway over this cluster: as many as wanted, each keeping no state of its own. Over an elastic
+        pool a launch that finds every host full waits for the pool's new host (up to GROW_WAIT_S), and the
+        gateway runs up to max_running inferlets per host of max_hosts."""
+        elastic = self.spec.elastic
+        service = GatewayService(self.directory, store or ProgramStore(),
+                                 self.spec.max_running * (self.spec.max_hosts if elastic else 1),
+                                 internal_token=self.internal_token,
+                                 wait_for_host=self._wait_for_host if elastic else None)
         service.cluster = self  # Ray ends actors whose handles are all gone (named or not): the gateway keeps them
         return service
+
+    def _wait_for_host(self) -> bool:
+        """The gateway's wait when every host is full: the pool's grow (True once there is a place)."""
+        import ray
+
+        try:
+            pool = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+            return ray.get(pool.grow.remote(GROW_WAIT_S), timeout=GROW_WAIT_S + 30)
+        except (ValueError, ray.exceptions.RayError) as e:  # no pool actor, or it is down
+            log.warning("every host is full and the host pool does not answer: %r", e)
+            return False
 
     def wait_for_workers(self, count: int | None = None, timeout_s: float = 600.0) -> None:
         """Block until `count` (default: all) workers are live in the directory, printing progress.
@@ -179,7 +223,14 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
               device=spec.device, address=spec.bind_address)
         for i in range(spec.workers)]
     hosts = [start_host(spec, i, spread) for i in range(spec.hosts)]
-    cluster = Cluster(spec, directory, workers, hosts)
+    pool = None
+    if spec.elastic:  # its new hosts get the same options as these
+        pool = ray.remote(HostPool).options(
+            name=POOL_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
+            max_concurrency=64,  # launches waiting in grow(), beside the pool's own loop
+            **on_head,
+        ).remote(spec.pool_policy(), functools.partial(start_host, spec, placement=spread), HOST_NAME)
+    cluster = Cluster(spec, directory, workers, hosts, pool)
     if wait:
         cluster.wait_for_workers()
     return cluster
