@@ -1,0 +1,687 @@
+"""The capacity model's inputs (docs/capacity.md): what one launch, one relayed message and one copied
+KV page cost in cluster mode, and how many calls a second the directory actor answers.
+
+    python -m cluster.bench.capacity [--launches 100] [--concurrency 8] [--messages 500] [--copy-pages 64]
+                                     [--copy-repeats 6] [--json OUT]
+
+One local Ray, one cluster: the directory actor (CountingDirectory: the real one, counting and timing
+every call it answers, by method), 2 worker actors (the page copy needs two; nothing else here runs
+the model) and 1 host actor. Measured in this order:
+
+1. directory in process (no Ray): its own time per call of the launch path, with 0, 1000 and 10000
+   inferlets in its tables (what a large cluster holds).
+2. directory actor: calls a second answered to 1 and 4 threads of this process (pick_host +
+   unpick_host pairs), and the directory process's CPU per call; likewise the cluster's message bus,
+   which runs in the directory's process (push + pull pairs over a RemoteBus, as hosts call it).
+3. launch hops: --launches launches one after another of a trivial inferlet
+   (inferlets/bench/send_messages.py sending nothing) through a gateway in this process, over loopback
+   gRPC: the client's Launch -> `started`; the gateway's pick_host round trip and its Launch to the
+   host (which makes the host's place_owner and instance_started round trips); the directory's own
+   time per call; the directory calls per launch, counted by the directory. Then --concurrency clients
+   launching back to back: launches a second, and each process's CPU per launch.
+4. event relay: --concurrency inferlets each sending --messages 16-byte messages, read through a
+   gateway in a process of its own (GatewayProcess), then straight from the host: messages a second,
+   µs per message, and each process's CPU per message.
+5. page copy: an export of --copy-pages pages moved between the two workers (kv_migration.move_export,
+   without its settle wait) --copy-repeats times: MB/s.
+
+Progress goes to stderr, the table to stdout. Figures are one run's; docs/capacity.md says how far they
+carry.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cluster.actors.directory_actor import DIRECTORY_NAME, NAMESPACE, Directory, DirectoryHandle
+from cluster.api.grpc_client import Failed, Finished, Message, PieClient, Started
+from cluster.api.grpc_server import serve_service
+from cluster.runtime.inferlet_build import build
+
+ROOT = Path(__file__).resolve().parents[2]
+SEND_MESSAGES = ROOT / "inferlets" / "bench" / "send_messages.py"
+MESSAGE_BYTES = 16
+SCALES = ((8, 1), (64, 8), (512, 64))  # (GPUs = workers, hosts) of the in-process directory timing
+RUNNING_PER_GPU = 256  # inferlets running per GPU in those tables: vLLM's default batch cap (docs/capacity.md)
+HINT_TOKENS = 256  # a launch's prompt hint, for place_owner's prefix lookup
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def progress(text: str) -> None:
+    print(f"[capacity] {text}", file=sys.stderr, flush=True)
+
+
+# -- the directory, counting what it answers ---------------------------------------------------------------
+class CountingDirectory(Directory):
+    """The directory with every call from outside counted and timed (its own time, inside the actor:
+    Ray's share of a call is not in it). `call_stats()` reads the counts; the methods are wrapped below."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._call_stats: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])  # method -> [calls, s]
+        self._call_stats_lock = threading.Lock()
+        self._call_depth = threading.local()  # its calls to its own methods are not counted again
+
+    def call_stats(self) -> dict[str, tuple[int, float]]:
+        """method -> (calls answered, seconds spent in them) since the actor started."""
+        with self._call_stats_lock:
+            return {name: (n, s) for name, (n, s) in self._call_stats.items()}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _counted(name: str, method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        depth = getattr(self._call_depth, "n", 0)
+        self._call_depth.n = depth + 1
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._call_depth.n = depth
+            if depth == 0:
+                spent = time.perf_counter() - t0
+                with self._call_stats_lock:
+                    stats = self._call_stats[name]
+                    stats[0] += 1
+                    stats[1] += spent
+    return call
+
+
+for _name in dir(Directory):
+    if not _name.startswith("_") and callable(getattr(Directory, _name)):
+        setattr(CountingDirectory, _name, _counted(_name, getattr(Directory, _name)))
+
+
+def start_counting_directory(page_size: int = 16, bind_address: str = "127.0.0.1") -> object:
+    """The directory actor under its usual name and options, created before start_cluster (which then
+    finds it: get_if_exists) so that the cluster runs on it."""
+    import secrets
+
+    import ray
+
+    return ray.remote(CountingDirectory).options(
+        name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
+        max_task_retries=-1,
+    ).remote(page_size, bus_address=bind_address, internal_token=secrets.token_urlsafe(24))
+
+
+def stats_delta(after: dict, before: dict) -> dict[str, tuple[int, float]]:
+    """call_stats() differences, methods with calls only."""
+    delta = {name: (n - before.get(name, (0, 0.0))[0], s - before.get(name, (0, 0.0))[1])
+             for name, (n, s) in after.items()}
+    return {name: v for name, v in sorted(delta.items()) if v[0] > 0}
+
+
+# -- CPU by process --------------------------------------------------------------------------------------
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (all cores, everything but idle and iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / CLOCK_TICK
+
+
+class CpuMeter:
+    """Each named process's CPU seconds, and the machine's, between start() and stop()."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+
+    def start(self) -> "CpuMeter":
+        self._t0 = time.perf_counter()
+        self._before = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
+        self._machine = machine_busy_s()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """name -> CPU seconds, plus "machine" (all processes, Ray's daemons included) and "wall"."""
+        spent = {name: process_cpu_s(pid) - self._before[name] for name, pid in self.pids.items()}
+        spent["machine"] = machine_busy_s() - self._machine
+        spent["wall"] = time.perf_counter() - self._t0
+        return spent
+
+
+# -- a gateway in a process of its own -----------------------------------------------------------------------
+_GATEWAY_MAIN = "import sys; from cluster.bench.capacity import gateway_main; gateway_main(sys.argv[1:])"
+
+
+def gateway_main(argv: list[str]) -> None:
+    """A gateway replica without Serve: joins the Ray at argv[0] as a driver on its node (address argv[1]),
+    finds the cluster's actors with the ClusterSpec fields of argv[2] (JSON), serves the client API on
+    loopback, prints its target, and stops when its stdin closes."""
+    import ray
+
+    from cluster.actors.cluster import ClusterSpec, start_cluster
+
+    ray.init(address=argv[0], _node_ip_address=argv[1], log_to_driver=False)
+    cluster = start_cluster(ClusterSpec(**json.loads(argv[2])), wait=False)
+    server = serve_service(cluster.gateway_service(), port=0)
+    print(server.target, flush=True)
+    sys.stdin.read()
+    server.stop(0)
+    ray.shutdown()
+
+
+class GatewayProcess:
+    """`gateway_main` in a child process (what a Serve replica is, less Serve's proxy): its own
+    interpreter, its own GIL, its CPU measured apart from the client's. `GatewayProcess.start(n, ...)`
+    starts n at once (each takes seconds: an interpreter, Ray's driver, the imports)."""
+
+    def __init__(self, spec_fields: dict):
+        import ray
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _GATEWAY_MAIN, ray.get_runtime_context().gcs_address,
+                                      ray.util.get_node_ip_address(), json.dumps(spec_fields)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.pid = self.proc.pid
+        self.target = ""
+
+    @classmethod
+    def start(cls, count: int, spec_fields: dict) -> list["GatewayProcess"]:
+        gateways = [cls(spec_fields) for _ in range(count)]
+        try:
+            for g in gateways:
+                g.target = g.proc.stdout.readline().strip()
+                if not g.target:
+                    raise RuntimeError(f"a gateway process exited ({g.proc.wait()}) before serving")
+        except BaseException:
+            for g in gateways:
+                g.stop()
+            raise
+        return gateways
+
+    def stop(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- loads ---------------------------------------------------------------------------------------------------
+def run_inferlet(client: PieClient, program_id: str, arguments: list[str]) -> dict:
+    """One launch read to its end: seconds to `started`, to the end, and the messages received."""
+    t0 = time.perf_counter()
+    started = end = None
+    messages = 0
+    for event in client.launch(program_id, arguments):
+        if isinstance(event, Started):
+            started = time.perf_counter() - t0
+        elif isinstance(event, Message):
+            messages += 1
+        elif isinstance(event, Failed):
+            raise RuntimeError(f"an inferlet failed: {event.error}")
+        elif isinstance(event, Finished):
+            end = time.perf_counter() - t0
+    return {"started_s": started, "end_s": end, "messages": messages}
+
+
+def closed_loop(clients: list[PieClient], program_id: str, arguments: list[str], concurrency: int,
+                per_client: int) -> dict:
+    """`concurrency` threads, each launching `per_client` inferlets one after another (thread i through
+    clients[i % len(clients)]): launches and messages a second over the whole run."""
+    runs: list[dict] = []
+    lock = threading.Lock()
+
+    def client_thread(i: int) -> None:
+        for _ in range(per_client):
+            result = run_inferlet(clients[i % len(clients)], program_id, arguments)
+            with lock:
+                runs.append(result)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if len(runs) != concurrency * per_client:
+        raise RuntimeError(f"{concurrency * per_client - len(runs)} launches failed (see the traceback above)")
+    messages = sum(r["messages"] for r in runs)
+    return {"wall_s": wall, "launches": len(runs), "launches_per_s": len(runs) / wall, "messages": messages,
+            "messages_per_s": messages / wall, "started_ms_median": 1e3 * statistics.median(r["started_s"] for r in runs)}
+
+
+def per_unit(cpu: dict[str, float], units: int, scale: float = 1e6) -> dict[str, float]:
+    """CPU seconds per unit (µs by default) of each process, and cores busy over the run."""
+    out = {f"{name}_cpu_us": scale * s / units for name, s in cpu.items() if name != "wall"}
+    out["machine_cores_busy"] = cpu["machine"] / cpu["wall"]
+    return out
+
+
+# -- 1. the directory in process -----------------------------------------------------------------------------
+def directory_in_process(rounds: int = 1000) -> dict:
+    """The directory's own µs per call of the launch path (no Ray), in a directory holding what a cluster of
+    each of SCALES holds: a worker per GPU, a host per node of 8, RUNNING_PER_GPU inferlets per GPU."""
+    hint = list(range(1000, 1000 + HINT_TOKENS))
+    results = {}
+    for gpus, hosts in SCALES:
+        rounds_here = max(40, rounds * SCALES[0][0] // gpus)  # the large tables' calls are slow: fewer suffice
+        d = Directory(16)
+        for i in range(gpus):
+            d.register(f"w{i}", 100_000, 16)
+        def report() -> None:  # as the hosts do every second: a host silent for HOST_STALE_S gets nothing
+            for i in range(hosts):
+                d.host_alive(f"h{i}", f"127.0.0.1:{9000 + i}", max_running=1 << 20)
+
+        report()
+        for i in range(gpus * RUNNING_PER_GPU):
+            d.add_owner(f"bg-{i}", f"h{i % hosts}", f"w{i % gpus}")
+            d.instance_started(f"bg-{i}", f"h{i % hosts}", "p" * 64, "d" * 64)
+        times = collections.defaultdict(float)
+
+        def timed(name: str, call: Callable):
+            t0 = time.perf_counter()
+            value = call()
+            times[name] += time.perf_counter() - t0
+            return value
+
+        for r in range(rounds_here):  # one launch's calls, in its order (the pick given back: it stays balanced)
+            if r % 20 == 0:
+                report()
+            instance = f"x-{r}"
+            picked = timed("pick_host", lambda: d.pick_host(()))
+            d.unpick_host(picked.host_id)
+            if r % 2:
+                timed("place_owner", lambda: d.place_owner(instance, "h0", ()))
+            else:
+                timed(f"place_owner, {HINT_TOKENS}-token hint", lambda: d.place_owner(instance, "h0", hint))
+            timed("instance_started", lambda: d.instance_started(instance, "h0", "p" * 64, "d" * 64))
+            timed("instance", lambda: d.instance(instance))
+            timed("instance_ended", lambda: d.instance_ended(instance))
+            timed("owner_ended", lambda: d.owner_ended(instance))
+        counts = {name: rounds_here / 2 if name.startswith("place_owner") else rounds_here for name in times}
+        results[f"{gpus} GPUs"] = {name: 1e6 * s / counts[name] for name, s in sorted(times.items())}
+        progress(f"directory in process, {gpus} workers, {hosts} hosts, {gpus * RUNNING_PER_GPU} inferlets: "
+                 + ", ".join(f"{k} {v:.1f} µs" for k, v in results[f"{gpus} GPUs"].items()))
+    return results
+
+
+# -- 2. the directory actor's throughput ---------------------------------------------------------------------
+def directory_throughput(directory: DirectoryHandle, directory_pid: int, host_id: str, seconds: float,
+                         threads: int) -> dict:
+    """pick_host + unpick_host pairs from `threads` threads for `seconds`: calls a second answered, and the
+    directory process's CPU per call."""
+    stop = time.perf_counter() + seconds
+    counts = [0] * threads
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            directory.pick_host(())
+            directory.unpick_host(host_id)
+            counts[i] += 2
+
+    meter = CpuMeter({"directory": directory_pid, "bench": os.getpid()}).start()
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    cpu = meter.stop()
+    calls = sum(counts)
+    row = {"threads": threads, "calls": calls, "calls_per_s": calls / cpu["wall"],
+           "round_trip_us": 1e6 * cpu["wall"] * threads / calls} | per_unit(cpu, calls)
+    progress(f"directory actor, {threads} threads: {row['calls_per_s']:.0f} calls/s, "
+             f"{row['directory_cpu_us']:.0f} µs of its CPU a call")
+    return row
+
+
+def bus_throughput(bus_target: Callable[[], str], token: str, directory_pid: int, seconds: float,
+                   threads: int) -> dict:
+    """push + pull pairs on the cluster's message bus (in the directory's process) from `threads` threads,
+    each on a queue of its own, for `seconds`: bus calls a second, and the directory process's CPU per call."""
+    from cluster.rpc.bus_service import RemoteBus
+
+    bus = RemoteBus(bus_target, token=token)
+    bus.store_keys()  # connected before the clock starts
+    stop = time.perf_counter() + seconds
+    counts = [0] * threads
+
+    def loop(i: int) -> None:
+        queue, me = f"capacity-{i}", f"capacity-bench-{i}"
+        while time.perf_counter() < stop:
+            bus.push(me, queue, "x" * MESSAGE_BYTES)
+            bus.pull(me, queue, 10.0).wait(30)
+            counts[i] += 2
+
+    meter = CpuMeter({"directory": directory_pid, "bench": os.getpid()}).start()
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    cpu = meter.stop()
+    bus.close()
+    calls = sum(counts)
+    row = {"threads": threads, "calls": calls, "calls_per_s": calls / cpu["wall"],
+           "round_trip_us": 1e6 * cpu["wall"] * threads / calls} | per_unit(cpu, calls)
+    progress(f"message bus, {threads} threads: {row['calls_per_s']:.0f} calls/s, "
+             f"{row['directory_cpu_us']:.0f} µs of the directory process's CPU a call")
+    return row
+
+
+# -- 3. the launch path ---------------------------------------------------------------------------------------
+class TimedCalls:
+    """A DirectoryHandle (or anything) whose method calls are timed by name, as its caller sees them."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.times: dict[str, list[float]] = collections.defaultdict(list)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._inner, name)
+
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.times[name].append(time.perf_counter() - t0)
+        return call
+
+
+def launch_hops(cluster, directory_actor, pids: dict[str, int], program: Path, launches: int,
+                concurrency: int, idle_s: float = 3.0) -> dict:
+    """Sequential launches of a trivial inferlet through a gateway here, then `concurrency` at once."""
+    import ray
+
+    service = cluster.gateway_service()
+    timed = TimedCalls(service.directory)
+    service.directory = timed
+    launch_on = service._launch_on
+    host_launch: list[float] = []
+
+    def timed_launch_on(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return launch_on(*args, **kwargs)
+        finally:
+            host_launch.append(time.perf_counter() - t0)
+
+    service._launch_on = timed_launch_on
+    server = serve_service(service, port=0)
+    try:
+        with PieClient(server.target, timeout_s=600) as client:
+            program_id = client.upload(program)
+            for _ in range(5):  # warm: the host gets the program, compiles it, first instances
+                run_inferlet(client, program_id, ["0"])
+            timed.times.clear()
+            host_launch.clear()
+            before = ray.get(directory_actor.call_stats.remote())
+            runs = [run_inferlet(client, program_id, ["0"]) for _ in range(launches)]
+            time.sleep(0.3)  # the last inferlet's end reaches the directory
+            calls = stats_delta(ray.get(directory_actor.call_stats.remote()), before)
+            wall = sum(r["end_s"] for r in runs)
+            sequential = {
+                "launches": launches,
+                "started_ms": 1e3 * statistics.median(r["started_s"] for r in runs),
+                "started_ms_p90": 1e3 * statistics.quantiles([r["started_s"] for r in runs], n=10)[-1],
+                "end_ms": 1e3 * statistics.median(r["end_s"] for r in runs),
+                "gateway_pick_host_ms": 1e3 * statistics.median(timed.times["pick_host"]),
+                "gateway_to_host_launch_ms": 1e3 * statistics.median(host_launch),
+                # per launch, counted by the directory (the hosts' once-a-second reports and the workers'
+                # load reports over the same seconds are in it too: `background_per_s` says how many)
+                "directory_calls": {name: n / launches for name, (n, _) in calls.items()},
+                "directory_own_us": {name: 1e6 * s / n for name, (n, s) in calls.items()},
+                "wall_s": wall,
+            }
+            progress(f"launch -> started {sequential['started_ms']:.1f} ms (gateway pick_host "
+                     f"{sequential['gateway_pick_host_ms']:.2f} ms, gateway -> host launch "
+                     f"{sequential['gateway_to_host_launch_ms']:.1f} ms); directory calls a launch: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in sequential["directory_calls"].items()))
+            before = ray.get(directory_actor.call_stats.remote())
+            time.sleep(idle_s)
+            idle = stats_delta(ray.get(directory_actor.call_stats.remote()), before)
+            sequential["background_per_s"] = {name: n / idle_s for name, (n, _) in idle.items()
+                                              if name != "call_stats"}
+            per_client = max(2, launches // concurrency)
+            meter = CpuMeter(pids | {"bench (gateway + client)": os.getpid()}).start()
+            loaded = closed_loop([client], program_id, ["0"], concurrency, per_client)
+            cpu = meter.stop()
+            loaded |= per_unit(cpu, loaded["launches"], scale=1e3)  # ms of CPU a launch
+            loaded["concurrency"] = concurrency
+            progress(f"{concurrency} clients launching back to back: {loaded['launches_per_s']:.1f} launches/s")
+    finally:
+        server.stop(0)
+    return {"sequential": sequential, "concurrent": loaded}
+
+
+# -- 4. the event relay --------------------------------------------------------------------------------------
+def relay(gateway: GatewayProcess, host_target: str, token: str, pids: dict[str, int], program: Path,
+          concurrency: int, messages: int, repeats: int = 2) -> dict:
+    """Messages a second and CPU per message, through a gateway process and straight from the host."""
+    arguments = [str(messages), str(MESSAGE_BYTES)]
+    rows = {}
+    for name, target, extra in (("via gateway", gateway.target, {"gateway": gateway.pid}),
+                                ("host direct", host_target, {})):
+        with PieClient(target, token=token if name == "host direct" else None, timeout_s=600) as client:
+            program_id = client.upload(program)
+            run_inferlet(client, program_id, ["10"])  # warm
+            meter = CpuMeter(pids | extra | {"client": os.getpid()}).start()
+            result = closed_loop([client], program_id, arguments, concurrency, repeats)
+            cpu = meter.stop()
+        rows[name] = result | per_unit(cpu, result["messages"]) | {"us_per_message": 1e6 / result["messages_per_s"]}
+        progress(f"relay {name}: {result['messages_per_s']:.0f} messages/s")
+    return rows
+
+
+# -- 5. page copy between workers ----------------------------------------------------------------------------
+def page_copy(cluster, pages: int, repeats: int) -> dict:
+    """An export of `pages` pages made on worker-0, then moved between the two workers `repeats` times."""
+    from cluster.actors import kv_migration
+    from cluster.actors.cluster_host import ClusterHost
+
+    directory = cluster.directory
+    with ClusterHost(directory) as host:
+        source = host.connection("worker-0")
+        owner, name = "capacity-bench-export", "capacity-bench/pages"
+        directory.add_owner(owner, host.host_id, "worker-0")
+        held = source.allocate(owner, pages, pages)
+        directory.export(owner, name, held, "", True)
+        source.export(owner, name, held, "", True)
+        page_bytes = len(source.wait(source.read_pages(owner, held[:1])))
+        directory.owner_ended(owner)
+        source.release(owner)
+        seconds = []
+        where = "worker-0"
+        for _ in range(repeats):
+            to = "worker-1" if where == "worker-0" else "worker-0"
+            t0 = time.perf_counter()
+            kv_migration.move_export(directory, host.connection, name, to, settle_s=0.0)
+            seconds.append(time.perf_counter() - t0)
+            where = to
+        directory.unexport("capacity-bench", name)
+        host.connection(where).unexport("capacity-bench", name)
+    mb = pages * page_bytes / 1e6
+    row = {"pages": pages, "page_bytes": page_bytes, "mb": mb, "move_s_median": statistics.median(seconds),
+           "mb_per_s": mb / statistics.median(seconds), "moves": repeats}
+    progress(f"page copy: {pages} pages of {page_bytes} bytes ({mb:.1f} MB) in {row['move_s_median'] * 1e3:.0f} ms: "
+             f"{row['mb_per_s']:.0f} MB/s")
+    return row
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+@dataclass
+class BenchCluster:
+    """A cluster a benchmark started on the counting directory, and how to end it."""
+
+    cluster: object  # cluster.actors.cluster.Cluster
+    directory_actor: object  # the CountingDirectory actor
+    fields: dict  # its ClusterSpec's fields (GatewayProcess starts its gateways with them)
+    pids: dict[str, int]  # directory, host-i, worker-i -> process id
+    own_ray: bool  # this benchmark started the Ray it runs on
+
+    def ready(self) -> "BenchCluster":
+        """Wait for the workers to load the model, then note every actor's process id."""
+        import ray
+
+        self.cluster.wait_for_workers()
+        self.pids = {"directory": ray.get(self.directory_actor.pid.remote())}
+        self.pids |= {f"host-{i}": ray.get(h.pid.remote()) for i, h in enumerate(self.cluster.hosts)}
+        self.pids |= {f"worker-{i}": ray.get(w.pid.remote()) for i, w in enumerate(self.cluster.workers)}
+        return self
+
+    def close(self) -> None:
+        """Stop the Ray the benchmark started; in a Ray of the caller's (tests), end the cluster's actors."""
+        import ray
+
+        if self.own_ray:
+            ray.shutdown()
+        else:
+            end_cluster_actors(self.cluster)
+
+
+def start(workers: int, hosts: int = 1, dtype: str = "bf16", wait: bool = True, **spec_extra) -> BenchCluster:
+    """A cluster on the counting directory, on a local Ray of its own, or on the caller's if one is up.
+    `wait=False`: return before the workers have loaded the model (call `ready()` before measuring)."""
+    import ray
+
+    from cluster.actors.cluster import ClusterSpec, init_local_ray, start_cluster
+
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        init_local_ray(log_to_driver=False)
+    directory_actor = start_counting_directory()
+    fields = {"workers": workers, "hosts": hosts, "dtype": dtype, "bind_address": "127.0.0.1",
+              "torch_threads": max(1, (os.cpu_count() or 1) // workers)} | spec_extra
+    bench = BenchCluster(start_cluster(ClusterSpec(**fields), wait=False), directory_actor, fields, {}, own_ray)
+    return bench.ready() if wait else bench
+
+
+def end_cluster_actors(cluster, timeout_s: float = 60.0) -> None:
+    """Kill the cluster's named actors (its elastic pool first, then hosts, workers, the directory) and wait
+    until their names are free, so that another cluster can start in the same Ray."""
+    import ray
+
+    from cluster.actors.cluster import HOST_NAME, WORKER_NAME
+    from cluster.actors.host_pool import POOL_NAME
+
+    spec = cluster.spec
+    hosts = {h.actor_name for h in cluster.directory.hosts() if h.actor_name}
+    hosts |= {HOST_NAME.format(i) for i in range(max(spec.hosts, spec.max_hosts or 0))}
+    names = [POOL_NAME, *sorted(hosts), *(WORKER_NAME.format(i) for i in range(spec.workers)), DIRECTORY_NAME]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass  # none by that name
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while True:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"actor {name} still exists {timeout_s:.0f} s after ray.kill")
+            time.sleep(0.1)
+
+
+def print_table(results: dict) -> None:
+    print(f"directory, in process (µs of its own time a call; a cluster of N GPUs: N workers, N/8 hosts, "
+          f"{RUNNING_PER_GPU} inferlets a GPU in its tables):")
+    sizes = list(results["directory_in_process"])
+    print(f"{'call':>28} " + " ".join(f"{s:>9}" for s in sizes))
+    for call in results["directory_in_process"][sizes[0]]:
+        print(f"{call:>28} " + " ".join(f"{results['directory_in_process'][s][call]:9.1f}" for s in sizes))
+    print("\ndirectory actor (pick_host + unpick_host pairs from this process):")
+    print(f"{'threads':>18} {'calls/s':>9} {'RTT µs':>9} {'dir CPU µs/call':>16} {'cores busy':>11}")
+    for row in results["directory_actor"]:
+        print(f"{row['threads']:>18} {row['calls_per_s']:9.0f} {row['round_trip_us']:9.0f} "
+              f"{row['directory_cpu_us']:16.0f} {row['machine_cores_busy']:11.2f}")
+    print("\nmessage bus in the directory's process (push + pull pairs, 16 bytes, a queue per thread):")
+    print(f"{'threads':>18} {'calls/s':>9} {'RTT µs':>9} {'dir CPU µs/call':>16} {'cores busy':>11}")
+    for row in results["bus"]:
+        print(f"{row['threads']:>18} {row['calls_per_s']:9.0f} {row['round_trip_us']:9.0f} "
+              f"{row['directory_cpu_us']:16.0f} {row['machine_cores_busy']:11.2f}")
+    seq, conc = results["launch"]["sequential"], results["launch"]["concurrent"]
+    print(f"\nlaunch of a trivial inferlet through a gateway (one at a time, {seq['launches']} launches, medians):")
+    print(f"{'launch -> started':>34} {seq['started_ms']:8.2f} ms   (p90 {seq['started_ms_p90']:.2f} ms)")
+    print(f"{'launch -> end':>34} {seq['end_ms']:8.2f} ms")
+    print(f"{'gateway: pick_host round trip':>34} {seq['gateway_pick_host_ms']:8.2f} ms")
+    print(f"{'gateway: Launch on host -> started':>34} {seq['gateway_to_host_launch_ms']:8.2f} ms")
+    print(f"{'directory method':>34} {'calls/launch':>12} {'own µs/call':>12}")
+    for name, n in seq["directory_calls"].items():
+        print(f"{name:>34} {n:12.2f} {seq['directory_own_us'][name]:12.1f}")
+    print(f"{'background calls/s (idle)':>34} " + ", ".join(f"{k} {v:.1f}" for k, v in seq["background_per_s"].items()))
+    print(f"\n{conc['concurrency']} clients launching back to back: {conc['launches_per_s']:.1f} launches/s, "
+          f"launch -> started {conc['started_ms_median']:.1f} ms; CPU ms a launch: "
+          + ", ".join(f"{k[:-7]} {v:.2f}" for k, v in conc.items() if k.endswith("_cpu_us")))
+    print("\nevent relay (16-byte messages):")
+    print(f"{'':>12} {'msgs/s':>9} {'µs/msg':>8}  CPU µs a message by process")
+    for name, row in results["relay"].items():
+        print(f"{name:>12} {row['messages_per_s']:9.0f} {row['us_per_message']:8.1f}  "
+              + ", ".join(f"{k[:-7]} {v:.1f}" for k, v in row.items() if k.endswith("_cpu_us")))
+    copy = results["page_copy"]
+    print(f"\npage copy between workers: {copy['pages']} pages x {copy['page_bytes']} bytes = {copy['mb']:.1f} MB, "
+          f"{copy['move_s_median'] * 1e3:.0f} ms a move: {copy['mb_per_s']:.0f} MB/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    ap = argparse.ArgumentParser(prog="python -m cluster.bench.capacity", description=__doc__.split("\n")[0])
+    ap.add_argument("--launches", type=int, default=100, help="sequential launches timed hop by hop")
+    ap.add_argument("--concurrency", type=int, default=8, help="clients at once (launches, relay)")
+    ap.add_argument("--messages", type=int, default=500, help="messages each relay inferlet sends")
+    ap.add_argument("--directory-seconds", type=float, default=3.0,
+                    help="each directory and bus throughput loop, and the idle window counting background calls")
+    ap.add_argument("--directory-rounds", type=int, default=2000, help="in-process directory calls per size")
+    ap.add_argument("--copy-pages", type=int, default=64, help="pages of the moved export")
+    ap.add_argument("--copy-repeats", type=int, default=6)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the workers' (page bytes follow it)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    opts = ap.parse_args(argv)
+    program = build(SEND_MESSAGES)
+    results: dict = {"cores": os.cpu_count(), "dtype": opts.dtype, "message_bytes": MESSAGE_BYTES,
+                     "options": vars(opts)}
+    results["directory_in_process"] = directory_in_process(opts.directory_rounds)
+    progress("starting a local Ray and the cluster (2 workers, 1 host) ...")
+    bench = start(workers=2, dtype=opts.dtype, wait=False)
+    gateways: list[GatewayProcess] = []
+    try:
+        gateways = GatewayProcess.start(1, bench.fields)  # while the workers load the model
+        cluster, directory_actor, pids = bench.ready().cluster, bench.directory_actor, bench.pids
+        host_id, host_target = ray.get(cluster.hosts[0].address.remote())
+        results["directory_actor"] = [directory_throughput(cluster.directory, pids["directory"], host_id,
+                                                           opts.directory_seconds, threads) for threads in (1, 4)]
+        results["bus"] = [bus_throughput(cluster.directory.bus_target, cluster.internal_token, pids["directory"],
+                                         opts.directory_seconds, threads) for threads in (1, 4)]
+        results["launch"] = launch_hops(cluster, directory_actor, pids, program, opts.launches, opts.concurrency,
+                                        idle_s=max(1.0, opts.directory_seconds))
+        results["relay"] = relay(gateways[0], host_target, cluster.internal_token, pids, program, opts.concurrency,
+                                 opts.messages)
+        results["page_copy"] = page_copy(cluster, opts.copy_pages, opts.copy_repeats)
+    finally:
+        for g in gateways:
+            g.stop()
+        bench.close()
+    print_table(results)
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
