@@ -5,7 +5,7 @@
             [-- ARGS...]                     run an inferlet on the embedded engine, printing what it sends
     pie serve [--host 127.0.0.1] [--port 50051] [--model M] [--dtype bf16] [--quant none] [--executor torch]
               [--token T] [--max-running N] [--http-port P [--openai-inferlet PATH]] [--allow-http HOST[:PORT]]...
-              [--http-concurrency N] [--ray [--workers N] [--hosts N] [--ray-address ADDR] [--device cpu|cuda]]
+              [--http-concurrency N] [--ray [--workers N] [--hosts N] [--max-hosts N] [--ray-address ADDR] [--device cpu|cuda]]
                                              serve the client gRPC API until Ctrl-C or SIGTERM
                                              (--port 0: any free port; the token may come from PIE_TOKEN);
                                              --http-port: the OpenAI-compatible HTTP API too, on --host;
@@ -114,7 +114,8 @@ def _ray_service(opts, max_running: int):
         init_local_ray()
     else:
         ray.init(address=opts.ray_address)
-    spec = ClusterSpec(workers=opts.workers, hosts=opts.hosts, model=opts.model, dtype=opts.dtype,
+    spec = ClusterSpec(workers=opts.workers, hosts=opts.hosts, max_hosts=opts.max_hosts, model=opts.model,
+                       dtype=opts.dtype,
                        quant=opts.quant, executor=opts.executor, device=opts.device, max_running=max_running,
                        worker_resources={"num_gpus": 1} if opts.device == "cuda" else {},
                        bind_address="127.0.0.1" if local else None, http_policy=_http_policy(opts))
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ray", action="store_true", help="cluster mode: workers, hosts and the directory as Ray actors")
     s.add_argument("--workers", type=_positive_int, default=2, help="with --ray: worker actors (one per GPU)")
     s.add_argument("--hosts", type=_positive_int, default=1, help="with --ray: inferlet host actors")
+    s.add_argument("--max-hosts", type=_positive_int, default=None,
+                   help="with --ray: an elastic host pool, from --hosts up to this many (added when busy, "
+                        "removed when idle)")
     s.add_argument("--ray-address", default=None,
                    help="with --ray: join this Ray cluster (e.g. auto); default: start a local one on loopback")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -274,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     why = quant_refusal(getattr(opts, "executor", "torch"), getattr(opts, "quant", "none"))
     if why:
         ap.error(f"--quant {opts.quant} {why}")
+    if getattr(opts, "max_hosts", None) is not None and opts.max_hosts < opts.hosts:
+        ap.error(f"--max-hosts {opts.max_hosts} is under --hosts {opts.hosts}: the pool never has fewer than --hosts")
     try:
         return {"build": _build, "run": _run, "serve": _serve, "submit": _submit}[opts.command](opts)
     except (InferletError, WorkerError) as e:

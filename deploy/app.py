@@ -7,7 +7,7 @@ Serve's gRPC proxy (port `grpc_options.port` of the config, 9000 by default) ser
 (cluster/proto/pie.proto) and routes each call to this application by the call's metadata
 `application: <name>` (the config names it `pie`): `PieClient(addr, metadata=(("application", "pie"),))`.
 
-The deployment's one replica starts the cluster's actors through cluster.actors.cluster.start_cluster
+Each replica of the deployment starts the cluster's actors through cluster.actors.cluster.start_cluster
 (or finds them by name: the directory `pie-directory`, workers `pie-worker-<i>`, hosts `pie-host-<i>`,
 namespace `pie`) and answers every call with the same GatewayService that `pie serve --ray` runs. Only
 the calling convention differs, and `ServeGateway` adapts it:
@@ -28,9 +28,14 @@ the calling convention differs, and `ServeGateway` adapts it:
 `serve run` from the repository root finds this module; for `serve deploy`, Ray must run with the
 repository on PYTHONPATH on every node (deploy/cluster.yaml does it): the package does not include it.
 
-One replica: uploaded programs (compiled in memory, stored on the replica node's disk) and the table
-of live inferlets (which Send, Terminate and List look up) live in the replica, so a second replica
-would answer NOT_FOUND for what the first one holds. Scale the workers and hosts instead (args).
+Any number of replicas (`num_replicas`, or Serve's `autoscaling_config`): a replica keeps nothing
+another needs. Uploaded programs and the table of live inferlets are in the directory actor, so any
+replica answers Send, Terminate, List and Attach for any other's inferlets and launches what another
+was sent. A replica that dies costs only the Launch streams it was relaying: the inferlets run on
+(on their hosts, for a grace period) and their clients re-attach through another replica
+(`PieClient.resume`). The actors are detached from the replica that started them (Ray would end
+them with it otherwise): deleting the application leaves them running; end them with `ray stop`
+(or `ray.kill` each actor of the namespace `pie`: `ray list actors` names them).
 """
 from __future__ import annotations
 
@@ -108,7 +113,9 @@ class ServeContext:
 class AppArgs:
     """The application's `args` in the Serve config."""
     workers: int = 1  # worker actors: one per GPU (device cuda), or CPU workers
-    hosts: int = 1  # inferlet host actors
+    hosts: int = 1  # inferlet host actors (the least an elastic pool keeps)
+    max_hosts: int | None = None  # above hosts: an elastic pool, hosts added when busy up to this many; null: fixed
+    host_idle_s: float = 30.0  # an elastic pool removes a host it added once idle this long
     model: str | None = None  # a .gguf file, a model directory or a hub id, on every worker node (default SmolLM2)
     dtype: str = "bf16"  # bf16 or fp32
     quant: str = "none"  # none, int8 or int4: the linear layers' weights quantized (CPU kernels only)
@@ -132,7 +139,8 @@ class AppArgs:
     http_concurrency: int = HttpPolicy.max_concurrent  # inferlets' HTTP requests at once per host; more wait
 
     def spec(self) -> ClusterSpec:
-        return ClusterSpec(workers=self.workers, hosts=self.hosts, model=self.model, dtype=self.dtype,
+        return ClusterSpec(detached=True, workers=self.workers, hosts=self.hosts, max_hosts=self.max_hosts,
+                           host_idle_s=self.host_idle_s, model=self.model, dtype=self.dtype,
                            quant=self.quant, executor=self.executor, device=self.device, num_pages=self.num_pages,
                            page_size=self.page_size, torch_threads=self.torch_threads, max_running=self.max_running,
                            worker_resources={"num_gpus": 1} if self.device == "cuda" else {},
@@ -158,6 +166,12 @@ class AppArgs:
             value = getattr(parsed, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"deploy/app.py: args.{name} must be a positive integer, not {value!r}")
+        if parsed.max_hosts is not None and (not isinstance(parsed.max_hosts, int) or parsed.max_hosts < parsed.hosts):
+            raise ValueError(f"deploy/app.py: args.max_hosts must be null or an integer of at least hosts "
+                             f"({parsed.hosts}), not {parsed.max_hosts!r}")
+        if not isinstance(parsed.host_idle_s, (int, float)) or not parsed.host_idle_s > 0:
+            raise ValueError(f"deploy/app.py: args.host_idle_s must be a positive number of seconds, "
+                             f"not {parsed.host_idle_s!r}")
         if parsed.dtype not in ("bf16", "fp32"):
             raise ValueError(f"deploy/app.py: args.dtype must be bf16 or fp32, not {parsed.dtype!r}")
         if parsed.quant not in QUANTS:
@@ -213,6 +227,11 @@ class ServeGateway:
         return await loop.run_in_executor(self._upload_pool, self.service.Upload, chunks(), context)
 
     async def Launch(self, request: pie_pb2.LaunchRequest, grpc_context) -> AsyncIterator[pie_pb2.Event]:
+        async for event in self._relayed(self.service.Launch, request, grpc_context, "Launch"):
+            yield event
+
+    async def _relayed(self, call, request, grpc_context, name: str) -> AsyncIterator[pie_pb2.Event]:
+        """A server-streaming call of the service, its blocking generator pumped on a thread of its own."""
         context = self._context(grpc_context)
         loop = asyncio.get_running_loop()
         # bounded: when the client reads slowly the pump waits, the service's generator is not
@@ -230,7 +249,7 @@ class ServeGateway:
 
         def pump() -> None:  # the blocking generator, for the inferlet's life
             try:
-                for event in self.service.Launch(request, context):
+                for event in call(request, context):
                     put(event)
                 put(end)
             except _RelayClosed:
@@ -248,8 +267,7 @@ class ServeGateway:
                     raise item
                 yield item
         except asyncio.CancelledError:
-            log.info("Launch of %s: the client cancelled the call or went away; stopping its inferlet",
-                     request.program_id[:12])
+            log.info("%s: the client cancelled the call or went away", name)
             raise
         finally:  # finished, failed, or cancelled by the client: stop the inferlet if it still runs
             closed.set()
@@ -266,12 +284,23 @@ class ServeGateway:
     def List(self, request: pie_pb2.Empty, grpc_context) -> pie_pb2.InferletList:
         return self.service.List(request, self._context(grpc_context))
 
+    async def Attach(self, request: pie_pb2.AttachRequest, grpc_context) -> AsyncIterator[pie_pb2.Event]:
+        """As Launch, with one difference: cancelling it leaves the inferlet running (its host waits for
+        the next Attach)."""
+        async for event in self._relayed(self.service.Attach, request, grpc_context, "Attach"):
+            yield event
+
     def Health(self, request: pie_pb2.Empty, grpc_context) -> pie_pb2.HealthReply:
         return self.service.Health(request, self._context(grpc_context))
 
 
 def app_builder(args: dict | None = None) -> serve.Application:
     """The application for `import_path: deploy.app:app_builder` and its `args` (AppArgs' fields)."""
-    parsed = AppArgs.parse(args)
+    return application(AppArgs.parse(args))
+
+
+def application(args: AppArgs, **options) -> serve.Application:
+    """The application for parsed args, with ServeGateway's deployment `options` (num_replicas, ...)."""
     # every Launch stream is an ongoing request for its inferlet's life, beside the unary calls
-    return ServeGateway.options(max_ongoing_requests=parsed.max_running + UNARY_THREADS).bind(parsed)
+    return ServeGateway.options(max_ongoing_requests=args.spec().gateway_max_running + UNARY_THREADS,
+                                **options).bind(args)

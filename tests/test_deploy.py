@@ -1,7 +1,7 @@
 """The Ray Serve application (deploy/app.py, deploy/config.yaml) answers a gRPC client.
 
 A local Ray on loopback, Serve started with the config's grpc_options (on free ports), the config's
-application with one CPU worker and few KV pages; the client reaches it through Serve's gRPC proxy
+application with one CPU worker, few KV pages and two replicas; the client reaches it through Serve's gRPC proxy
 with the metadata `application: pie`, as any client would. Serve's gRPC proxy listens on every
 interface (it has no host option); the test only dials loopback.
 """
@@ -22,7 +22,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 from cluster.actors.cluster import init_local_ray  # noqa: E402
 from cluster.api.grpc_client import Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
 from cluster.runtime.inferlet_build import build  # noqa: E402
-from deploy.app import APP_NAME, SERVICER, AppArgs, app_builder  # noqa: E402
+from deploy.app import APP_NAME, SERVICER, AppArgs, app_builder, application  # noqa: E402
 from helpers import recording_uploads, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,8 @@ def program_path():
 def gateway(config, program_path):
     """The Serve application from the config, on free ports; yields (target, application name)."""
     app = config["applications"][0]
-    init_local_ray(num_cpus=2, log_to_driver=False)  # a Ray of our own even when a `ray start` cluster runs here
+    # 4 logical CPUs: each replica asks for one (two here, and a second application in one test)
+    init_local_ray(num_cpus=4, log_to_driver=False)  # a Ray of our own even when a `ray start` cluster runs here
     try:
         grpc_port, http_port = free_port(), free_port()
         started = time.monotonic()
@@ -72,7 +73,7 @@ def gateway(config, program_path):
         # fp32: SmolLM2's first answer token is a near tie ('The' 0.152, 'L' 0.140) that bf16 breaks
         # toward 'L' on CPUs without AVX-512 (this 2-core AMD EPYC), and the answer then misses Paris
         args = {**app["args"], "workers": 1, "num_pages": NUM_PAGES, "bind_address": "127.0.0.1", "dtype": "fp32"}
-        serve.run(app_builder(args), name=app["name"], route_prefix=app["route_prefix"])
+        serve.run(application(AppArgs.parse(args), num_replicas=2), name=app["name"], route_prefix=app["route_prefix"])
         print(f"[test_deploy] Serve and the application up in {time.monotonic() - started:.1f} s")
         yield f"127.0.0.1:{grpc_port}", app["name"], f"http://127.0.0.1:{http_port}"
     finally:
@@ -105,7 +106,9 @@ def test_configs_name_the_servicer_builder_and_known_args(name):
     assert app["args"]["quant"] == spec.quant == "none"  # int8 / int4 are CPU kernels: set per deployment
     # the GPU cluster runs vLLM's model code and kernels; the CPU config ours
     assert app["args"]["executor"] == spec.executor == ("vllm" if spec.device == "cuda" else "torch")
-    assert app["deployments"][0]["num_replicas"] == 1
+    # several replicas, autoscaled: none keeps state another needs, and the actors outlive any of them
+    scaling = app["deployments"][0]["autoscaling_config"]
+    assert 1 <= scaling["min_replicas"] < scaling["max_replicas"] and spec.detached
 
 
 def test_bad_args_are_refused_naming_the_arg():
@@ -244,3 +247,55 @@ def test_serves_the_openai_api_on_serves_http_proxy(gateway):
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(model=model.id, messages=question, temperature=9)
     assert e.value.body["param"] == "temperature"
+
+
+def _replicas() -> list:
+    """The running ServeGateway replica actors."""
+    from ray.util import list_named_actors
+
+    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in list_named_actors(all_namespaces=True)
+            if "ServeGateway" in a["name"]]
+
+
+def _answers(call) -> bool:
+    try:
+        call()
+        return True
+    except RequestFailed:
+        return False
+
+
+def test_every_replica_killed_mid_stream_the_inferlets_run_on_and_their_clients_resume(client, program):
+    """Two inferlets launched through the proxy; every replica that was serving is killed while their
+    streams run. The streams break; Serve starts new replicas, which never saw the launches: they
+    list both, terminate one, and the other's client re-attaches and gets every event after the last
+    it had, once, then the end. Nothing is left behind."""
+    long = ["--prompt", "Write a long story about a dragon.", "--max-tokens", "48", "--ignore-eos"]
+    streams = [client.launch(program, long) for _ in range(2)]
+    events = [s.events_pb() for s in streams]
+    seen = [[next(e) for _ in range(3)] for e in events]  # started and two messages each
+    assert [[e.seq for e in s] for s in seen] == [[0, 1, 2]] * 2
+    replicas = _replicas()
+    assert len(replicas) == 2
+    for replica in replicas:
+        ray.kill(replica, no_restart=True)
+    for stream in events:  # broken: an error, or an end without the inferlet's end
+        try:
+            tail = list(stream)
+        except RequestFailed:
+            tail = []
+        assert not tail or tail[-1].WhichOneof("kind") == "message", tail[-1]
+    wait_until(lambda: _answers(client.health), 180, "Serve to start new replicas")
+    keep, stop = streams
+    assert {keep.instance_id, stop.instance_id} <= {i.instance_id for i in client.list()}
+    client.terminate(stop.instance_id)
+    had = keep.last_seq  # the last event the broken stream gave
+    rest = list(client.resume(keep).events_pb())
+    assert [e.seq for e in rest] == list(range(had + 1, had + 1 + len(rest))), "events lost or repeated"
+    assert rest[-1].WhichOneof("kind") == "finished" and rest[-1].seq == 48 + 1, rest[-1]
+    stopped = list(client.resume(stop).events_pb())
+    assert stopped[-1].WhichOneof("kind") == "failed" and "terminated by its client" in stopped[-1].failed.error
+    wait_until(lambda: client.health().running == 0, 30, "both inferlets to end")
+    # free, or held only by the prefix cache (the OpenAI API test before this one leaves some there)
+    wait_until(lambda: (lambda h: h.free_pages + h.cached_pages)(client.health()) == NUM_PAGES, 30,
+               "their KV pages to come back")

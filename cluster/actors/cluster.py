@@ -69,6 +69,9 @@ class ClusterSpec:
     # strategy, best effort), and the directory on the head node, which the cluster cannot lose anyway (Ray's GCS
     # runs there). False: Ray's default (pack each node before the next)
     spread: bool = False
+    # the actors outlive the process that started them (Ray ends an actor with its owner otherwise): a Serve
+    # replica, which may die while the cluster serves on. They then run until `ray stop` or ray.kill
+    detached: bool = False
     max_running: int = DEFAULT_MAX_RUNNING  # per host, and at the gateway
     # where workers and hosts listen: None = each node's address (multi-node); "127.0.0.1" on one machine.
     # Their services require the cluster's internal token of each other (below); keep them on a private
@@ -103,6 +106,11 @@ class ClusterSpec:
         """Whether the host pool grows and shrinks (max_hosts above hosts)."""
         return self.max_hosts is not None and self.max_hosts > self.hosts
 
+    @property
+    def gateway_max_running(self) -> int:
+        """Inferlets running at once through one gateway: max_running per host, of max_hosts when elastic."""
+        return self.max_running * (self.max_hosts if self.elastic else 1)
+
     def pool_policy(self) -> PoolPolicy:
         return PoolPolicy(min_hosts=self.hosts, max_hosts=self.max_hosts or self.hosts, idle_s=self.host_idle_s)
 
@@ -128,8 +136,7 @@ class Cluster:
         pool a launch that finds every host full waits for the pool's new host (up to GROW_WAIT_S), and the
         gateway runs up to max_running inferlets per host of max_hosts."""
         elastic = self.spec.elastic
-        service = GatewayService(self.directory, store or ProgramStore(),
-                                 self.spec.max_running * (self.spec.max_hosts if elastic else 1),
+        service = GatewayService(self.directory, store or ProgramStore(), self.spec.gateway_max_running,
                                  internal_token=self.internal_token,
                                  wait_for_host=self._wait_for_host if elastic else None)
         service.cluster = self  # Ray ends actors whose handles are all gone (named or not): the gateway keeps them
@@ -204,8 +211,9 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     if not ray.is_initialized():
         raise RuntimeError("start Ray first: ray.init() (a local cluster) or ray.init(address='auto')")
     threads = spec.torch_threads or max(1, (os.cpu_count() or 1) // max(1, spec.workers))
-    spread = {"scheduling_strategy": "SPREAD"} if spec.spread else {}
-    on_head = {"resources": {HEAD_NODE_RESOURCE: 0.001}} if spec.spread else {}
+    lifetime = {"lifetime": "detached"} if spec.detached else {}
+    placement = {"scheduling_strategy": "SPREAD", **lifetime} if spec.spread else lifetime  # workers and hosts
+    on_head = {"resources": {HEAD_NODE_RESOURCE: 0.001}, **lifetime} if spec.spread else lifetime
     directory = ray.remote(Directory).options(
         name=DIRECTORY_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
         max_task_retries=-1,  # a call made while it restarts waits for it instead of failing
@@ -217,19 +225,19 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
     threads_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     workers = [ray.remote(WorkerActor).options(
         name=WORKER_NAME.format(i), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1,
-        num_cpus=0, max_concurrency=8, runtime_env={"env_vars": threads_env}, **{**spread, **spec.worker_resources},
+        num_cpus=0, max_concurrency=8, runtime_env={"env_vars": threads_env}, **{**placement, **spec.worker_resources},
     ).remote(f"worker-{i}", DIRECTORY_NAME, model=spec.model, dtype=spec.dtype, quant=spec.quant,
               executor=spec.executor, num_pages=spec.num_pages, torch_threads=threads, policy=spec.policy,
               device=spec.device, address=spec.bind_address)
         for i in range(spec.workers)]
-    hosts = [start_host(spec, i, spread) for i in range(spec.hosts)]
+    hosts = [start_host(spec, i, placement) for i in range(spec.hosts)]
     pool = None
     if spec.elastic:  # its new hosts get the same options as these
         pool = ray.remote(HostPool).options(
             name=POOL_NAME, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
             max_concurrency=64,  # launches waiting in grow(), beside the pool's own loop
             **on_head,
-        ).remote(spec.pool_policy(), functools.partial(start_host, spec, placement=spread), HOST_NAME)
+        ).remote(spec.pool_policy(), functools.partial(start_host, spec, placement=placement), HOST_NAME)
     cluster = Cluster(spec, directory, workers, hosts, pool)
     if wait:
         cluster.wait_for_workers()
@@ -238,7 +246,7 @@ def start_cluster(spec: ClusterSpec = ClusterSpec(), wait: bool = True) -> Clust
 
 def start_host(spec: ClusterSpec, index: int, placement: dict):
     """Create (or find) the host actor HOST_NAME.format(index): start_cluster's hosts, and those the elastic
-    pool adds. `placement`: the scheduling options start_cluster gives workers and hosts alike (spread)."""
+    pool adds. `placement`: the options start_cluster gives workers and hosts alike (spread, lifetime)."""
     import ray
 
     return ray.remote(HostActor).options(

@@ -45,6 +45,7 @@ GATHER_TIMEOUT_S = 5.0  # how long /metrics and the status page wait for the act
 _HOST_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 ANSWER_TIMEOUT_S = 2.0  # a host that fails a call is taken for dead only if it does not answer a List in this
 HOST_CALL_TIMEOUT_S = 60.0
+LINKS_CHECK_S = 60.0  # how often a launch first closes the links to hosts that are gone
 
 
 class HostLink:
@@ -67,7 +68,7 @@ class HostLink:
         """Whether the host answers a List within ANSWER_TIMEOUT_S."""
         try:
             return self.client.list(timeout_s=ANSWER_TIMEOUT_S) is not None
-        except RequestFailed:
+        except (RequestFailed, ValueError):  # ValueError: another thread closed the channel, finding it dead
             return False
 
 
@@ -144,6 +145,7 @@ class GatewayService(InferletService):
         self._internal_token = internal_token
         self._wait_for_host = wait_for_host
         self._links: dict[str, HostLink] = {}  # host id -> link
+        self._links_checked = time.monotonic()
         super().__init__(host=self, store=store, max_running=max_running)
 
     # -- what /metrics and the status page gather from the actors -----------------------------------
@@ -199,11 +201,23 @@ class GatewayService(InferletService):
         with self._lock:
             link = self._links.get(host_id)
             if link is None or link.target != target:
+                if link is not None:
+                    link.client.close()
                 link = self._links[host_id] = HostLink(host_id, target, self._internal_token)
             return link
 
+    def _forget_gone_hosts(self, live: set[str]) -> None:
+        """Close the links to hosts no longer in the directory (the elastic pool removed them, or they died)."""
+        with self._lock:
+            gone = [self._links.pop(h) for h in list(self._links) if h not in live]
+        for link in gone:
+            link.client.close()
+
     def _launch(self, component: wc.Component, request: pie_pb2.LaunchRequest,
                 on_message: Callable[[str], None], on_end: Callable[[Outcome], None]) -> RelayedInferlet:
+        if time.monotonic() - self._links_checked > LINKS_CHECK_S:
+            self._links_checked = time.monotonic()
+            self._forget_gone_hosts({h.host_id for h in self.directory.hosts()})
         tried: list[str] = []
         for attempt in range(2):  # a host found dead is reported, and the launch tried once more, elsewhere
             pick = self._pick_host(tuple(tried))
