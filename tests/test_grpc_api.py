@@ -205,6 +205,27 @@ def test_a_client_that_goes_away_loses_its_inferlet_and_pages(server, programs, 
     assert server.service.List(None, None).inferlets == []
 
 
+def test_an_attach_takes_the_stream_over_and_the_first_streams_end_does_not_stop_the_inferlet(client, programs):
+    """One process (no detach grace): a second client attaches with the owner token from where the first
+    left off; the first stream ends ABORTED, and its ending stops nothing: the inferlet runs to its end
+    on the new stream."""
+    stream = client.launch(programs["text_completion"], ["--prompt", STORY, "--max-tokens", "24", "--ignore-eos"])
+    events = stream.events_pb()
+    assert [next(events).seq for _ in range(3)] == [0, 1, 2]
+    with PieClient(client.address) as other:
+        rest = list(other.resume(stream).events_pb())
+    assert [e.seq for e in rest] == list(range(3, 3 + len(rest))) and rest[-1].seq == 24 + 1
+    assert rest[-1].WhichOneof("kind") == "finished", rest[-1]
+    with pytest.raises(RequestFailed) as ended:
+        list(events)
+    assert ended.value.code == grpc.StatusCode.ABORTED and "another client attached" in ended.value.details
+    attached = client.attach(stream.instance_id, stream.owner_token, 25)  # ended: its end is still there
+    assert [(e.seq, e.WhichOneof("kind")) for e in attached.events_pb()] == [(25, "finished")]
+    with pytest.raises(RequestFailed) as denied:
+        list(client.attach(stream.instance_id, "", 3))
+    assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED and "owner token" in denied.value.details
+
+
 def test_a_flood_of_messages_arrives_whole_and_in_order(client, programs):
     t0 = time.perf_counter()
     messages, end = collect(client.launch(programs["probe"], ["flood", "1", "5000"]))

@@ -342,9 +342,11 @@ class InferletService(pie_pb2_grpc.InferletsServicer):
     def _watch_stream(self, context, running: RunningInferlet, events: ReplayOutbox, reader: int) -> None:
         """When the call ends however it ends: stop the inferlet (no detach grace) or give it the grace."""
         def gone():
+            if running.done or events.reader != reader:
+                return  # it ended, or a newer Attach took its events over
             if self.detach_grace_s <= 0:
                 running.stop("its client went away")
-            elif not running.done and events.reader == reader:
+            else:
                 log.info("%s: its event stream broke; it runs on for %.0f s awaiting an Attach",
                          running.instance_id, self.detach_grace_s)
                 timer = threading.Timer(self.detach_grace_s, abandoned)

@@ -99,8 +99,9 @@ class InferletsServicer:
         Launch stream broke without its asking (a cluster gateway that died): the inferlet kept
         running, and its recent events wait in a bounded replay buffer. Any gateway of a cluster
         answers it. Needs the owner token of the Launch's `started`. A newer Attach takes the stream
-        over (the older one ends with ABORTED); cancelling an Attach does not stop the inferlet, whose
-        host waits a grace period for the next Attach before it stops it (Terminate stops it at once).
+        over (the older one ends with ABORTED). On a cluster, cancelling an Attach does not stop the
+        inferlet: its host waits a grace period for the next Attach (Terminate stops it at once); one
+        process (`pie serve`) stops it, as when a Launch's client goes away.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
