@@ -72,19 +72,16 @@ class HostLink:
             return False
 
 
-class RelayedInferlet:
-    """A RunningInferlet's face for an inferlet that runs on a host: send, stop, done."""
+class RemoteInstance:
+    """A RunningInferlet's face (send, stop) for an inferlet on a host, through `client` (the host's)."""
 
-    def __init__(self, instance_id: str, client: PieClient, stream, owner_token: str = ""):
-        self.instance_id = instance_id
-        self.owner_token = owner_token  # the host's: an Attach through any gateway goes to the host
-        self._client, self._stream = client, stream
-        self._finished = threading.Event()
+    def __init__(self, instance_id: str, client: PieClient):
+        self.instance_id, self._client = instance_id, client
         self.stop_reason: str | None = None  # why stop() was called, if it was
 
     @property
     def done(self) -> bool:
-        return self._finished.is_set()
+        return False  # not known here: the host answers FAILED_PRECONDITION once it has ended
 
     def send(self, message: str) -> None:
         try:
@@ -93,12 +90,32 @@ class RelayedInferlet:
             raise _RelayedRefusal(e.code, e.details) from None
 
     def stop(self, reason: str = "its client stopped it") -> None:
-        if self.done:
-            return
         self.stop_reason = reason
         try:
             self._client.terminate(self.instance_id)
-        except RequestFailed:
+        except RequestFailed as e:
+            raise _RelayedRefusal(e.code, e.details) from None
+
+
+class RelayedInferlet(RemoteInstance):
+    """An inferlet this gateway launched, whose events it relays: stopping it also ends the relay."""
+
+    def __init__(self, instance_id: str, client: PieClient, stream, owner_token: str = ""):
+        super().__init__(instance_id, client)
+        self.owner_token = owner_token  # the host's: an Attach through any gateway goes to the host
+        self._stream = stream
+        self._finished = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def stop(self, reason: str = "its client stopped it") -> None:
+        if self.done:
+            return
+        try:
+            super().stop(reason)
+        except _RelayedRefusal:
             pass  # it ended meanwhile, or its host is gone: the stream ends either way
         self._stream.cancel()
 
@@ -109,28 +126,6 @@ class _RelayedRefusal(InferletError):
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(details)
         self.status_code = code
-
-
-class RemoteInstance:
-    """A RunningInferlet's face (send, stop) for an inferlet another gateway launched."""
-
-    def __init__(self, instance_id: str, link: HostLink):
-        self.instance_id, self._link = instance_id, link
-        self.done = False
-        self.stop_reason: str | None = None
-
-    def send(self, message: str) -> None:
-        try:
-            self._link.client.send(self.instance_id, message)
-        except RequestFailed as e:
-            raise _RelayedRefusal(e.code, e.details) from None
-
-    def stop(self, reason: str = "its client stopped it") -> None:
-        self.stop_reason = reason
-        try:
-            self._link.client.terminate(self.instance_id)
-        except RequestFailed as e:
-            raise _RelayedRefusal(e.code, e.details) from None
 
 
 class GatewayService(InferletService):
@@ -320,7 +315,7 @@ class GatewayService(InferletService):
         record = self.directory.instance(instance_id)  # UnknownInferlet when the cluster never ran it
         if record.ended:
             raise InferletEnded(f"inferlet {instance_id} has ended")
-        remote = RemoteInstance(instance_id, self._link(record.host_id, record.target))
+        remote = RemoteInstance(instance_id, self._link(record.host_id, record.target).client)
         return _Live(remote, record.program_id, time.monotonic() - (time.time() - record.started), "grpc")
 
     def List(self, request: pie_pb2.Empty, context) -> pie_pb2.InferletList:
