@@ -1,8 +1,9 @@
 """The capacity model's inputs (docs/capacity.md): what one launch, one relayed message and one copied
 KV page cost in cluster mode, and how many calls a second the directory actor answers.
 
-    python -m cluster.bench.capacity [--launches 100] [--concurrency 8] [--messages 500] [--copy-pages 64]
-                                     [--copy-repeats 6] [--json OUT]
+    python -m cluster.bench.capacity [--launches 100] [--concurrency 8] [--messages 2000] [--copy-pages 64]
+                                     [--copy-repeats 6] [--json OUT] [--png OUT]
+    python -m cluster.bench.capacity --from-json RUN.json [--png OUT]   # the table and projection again
 
 One local Ray, one cluster: the directory actor (CountingDirectory: the real one, counting and timing
 every call it answers, by method), 2 worker actors (the page copy needs two; nothing else here runs
@@ -18,15 +19,16 @@ the model) and 1 host actor. Measured in this order:
    gRPC: the client's Launch -> `started`; the gateway's pick_host round trip and its Launch to the
    host (which makes the host's place_owner and instance_started round trips); the directory's own
    time per call; the directory calls per launch, counted by the directory. Then --concurrency clients
-   launching back to back: launches a second, and each process's CPU per launch.
+   launching back to back (--concurrent-launches in all): launches a second, each process's CPU per launch.
 4. event relay: --concurrency inferlets each sending --messages 16-byte messages, read through a
    gateway in a process of its own (GatewayProcess), then straight from the host: messages a second,
    µs per message, and each process's CPU per message.
 5. page copy: an export of --copy-pages pages moved between the two workers (kv_migration.move_export,
    without its settle wait) --copy-repeats times: MB/s.
 
-Progress goes to stderr, the table to stdout. Figures are one run's; docs/capacity.md says how far they
-carry.
+Then a projection to clusters of 8, 64 and 512 GPUs (`project`): the measured costs times the load the
+assumptions at its head put on each part. Progress goes to stderr, the tables to stdout. Figures are one
+run's; docs/capacity.md says how far they carry.
 """
 from __future__ import annotations
 
@@ -260,7 +262,8 @@ def closed_loop(clients: list[PieClient], program_id: str, arguments: list[str],
         raise RuntimeError(f"{concurrency * per_client - len(runs)} launches failed (see the traceback above)")
     messages = sum(r["messages"] for r in runs)
     return {"wall_s": wall, "launches": len(runs), "launches_per_s": len(runs) / wall, "messages": messages,
-            "messages_per_s": messages / wall, "started_ms_median": 1e3 * statistics.median(r["started_s"] for r in runs)}
+            "messages_per_s": messages / wall,
+            "started_ms_median": 1e3 * statistics.median(r["started_s"] for r in runs)}
 
 
 def per_unit(cpu: dict[str, float], units: int, scale: float = 1e6) -> dict[str, float]:
@@ -402,7 +405,7 @@ class TimedCalls:
 
 
 def launch_hops(cluster, directory_actor, pids: dict[str, int], program: Path, launches: int,
-                concurrency: int, idle_s: float = 3.0) -> dict:
+                concurrency: int, concurrent_launches: int, idle_s: float = 3.0) -> dict:
     """Sequential launches of a trivial inferlet through a gateway here, then `concurrency` at once."""
     import ray
 
@@ -455,7 +458,7 @@ def launch_hops(cluster, directory_actor, pids: dict[str, int], program: Path, l
             idle = stats_delta(ray.get(directory_actor.call_stats.remote()), before)
             sequential["background_per_s"] = {name: n / idle_s for name, (n, _) in idle.items()
                                               if name != "call_stats"}
-            per_client = max(2, launches // concurrency)
+            per_client = max(2, concurrent_launches // concurrency)
             meter = CpuMeter(pids | {"bench (gateway + client)": os.getpid()}).start()
             loaded = closed_loop([client], program_id, ["0"], concurrency, per_client)
             cpu = meter.stop()
@@ -638,13 +641,106 @@ def print_table(results: dict) -> None:
           f"{copy['move_s_median'] * 1e3:.0f} ms a move: {copy['mb_per_s']:.0f} MB/s")
 
 
+# -- the projection (docs/capacity.md) ---------------------------------------------------------------------
+# What a cluster of N GPUs (one worker each, nodes of 8, one host per node) asks of each part, from the
+# measured costs above and these assumptions; the sources, and which are guesses, are in docs/capacity.md.
+TOKENS_PER_S_PER_GPU = 4000  # a 7B-class model on one H100 with vLLM, 256 sequences at once (~3,958 measured)
+TOKENS_PER_LAUNCH = 1000  # a guess: an agent of 8 rounds of ~125 generated tokens
+WORKLOADS = {  # name -> (messages to the client a launch, bus calls a launch)
+    "agentic": (8, 0),  # a message a round
+    "agentic + bus": (8, 32),  # and a swarm's broadcast plus 3 teammates' reads a round
+    "streaming": (TOKENS_PER_LAUNCH, 0),  # a message a generated token (text_completion)
+}
+HOST_CPU_MS_PER_TOKEN = 1.06  # host imports 0.42 + guest wasm 0.64 ms a token, 32 inferlets (docs/benchmarks.md)
+GPUS_PER_NODE = 8
+LAUNCH_CALLS = ("pick_host", "place_owner", "instance_started", "instance_ended", "owner_ended")
+LAUNCH_CALLS_OWN = ("pick_host", "place_owner, 256-token hint", "instance_started", "instance_ended", "owner_ended")
+
+
+def project(results: dict) -> list[dict]:
+    """Per scale of directory_in_process and per workload: the load on each part, in cores (a directory
+    above 1.0 is past what its one process can do; gateways and hosts can be added)."""
+    call_s = results["directory_actor"][-1]["directory_cpu_us"] * 1e-6  # a directory call, Ray's part and all
+    bus_s = results["bus"][-1]["directory_cpu_us"] * 1e-6
+    seq, conc = results["launch"]["sequential"], results["launch"]["concurrent"]
+    calls_per_launch = sum(n for name, n in seq["directory_calls"].items() if name in LAUNCH_CALLS)
+    background = seq["background_per_s"]  # measured with 2 workers and 1 host
+    per_worker = background.get("report_load", 0.0) / 2
+    per_host = background.get("host_alive", 0.0)
+    gateway_msg_s = results["relay"]["via gateway"]["gateway_cpu_us"] * 1e-6
+    host_msg_s = results["relay"]["via gateway"]["host-0_cpu_us"] * 1e-6
+    host_launch_s = conc["host-0_cpu_us"] * 1e-3  # per_unit in ms for launches
+    gateway_launch_s = conc["bench (gateway + client)_cpu_us"] * 1e-3  # the client's part too: an upper bound
+    rows = []
+    for scale, own_us in results["directory_in_process"].items():
+        gpus = int(scale.split()[0])
+        hosts = max(1, gpus // GPUS_PER_NODE)
+        launches = gpus * TOKENS_PER_S_PER_GPU / TOKENS_PER_LAUNCH
+        own_s = sum(own_us[name] for name in LAUNCH_CALLS_OWN) * 1e-6
+        for workload, (messages, bus_calls) in WORKLOADS.items():
+            directory = (launches * (calls_per_launch * call_s + own_s)
+                         + (gpus * per_worker + hosts * per_host) * call_s + launches * bus_calls * bus_s)
+            rows.append({
+                "gpus": gpus, "workload": workload, "launches_per_s": launches,
+                "messages_per_s": launches * messages, "bus_calls_per_s": launches * bus_calls,
+                "directory_cores": directory,
+                "directory_pick_host_share": launches * own_us["pick_host"] * 1e-6 / directory,
+                "gateway_cores": launches * (messages * gateway_msg_s + gateway_launch_s),
+                "host_cores": (gpus * TOKENS_PER_S_PER_GPU * HOST_CPU_MS_PER_TOKEN * 1e-3
+                               + launches * (host_launch_s + messages * host_msg_s)),
+                "hosts_today": hosts,
+            })
+    return rows
+
+
+def print_projection(rows: list[dict]) -> None:
+    print(f"\nprojection ({TOKENS_PER_S_PER_GPU} tok/s a GPU, {TOKENS_PER_LAUNCH} tokens a launch; cores of this "
+          f"machine; the directory is one process: above 1.00 it cannot keep up):")
+    print(f"{'GPUs':>5} {'workload':>14} {'launch/s':>9} {'msgs/s':>9} {'bus/s':>7} {'directory':>9} "
+          f"{'(pick_host)':>11} {'gateways':>9} {'hosts':>7}")
+    for r in rows:
+        print(f"{r['gpus']:>5} {r['workload']:>14} {r['launches_per_s']:9.0f} {r['messages_per_s']:9.0f} "
+              f"{r['bus_calls_per_s']:7.0f} {r['directory_cores']:9.2f} {r['directory_pick_host_share']:10.0%} "
+              f"{r['gateway_cores']:9.1f} {r['host_cores']:7.1f}")
+
+
+def projection_chart(rows: list[dict], path: str) -> None:
+    """Cores each part needs by cluster size, per workload (needs matplotlib: the bench extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4 * len(workloads), 3.8), sharey=True)
+    for ax, workload in zip(axes, workloads):
+        mine = [r for r in rows if r["workload"] == workload]
+        gpus = [r["gpus"] for r in mine]
+        for key, label, style in (("directory_cores", "directory (one process)", "o-"),
+                                  ("gateway_cores", "gateway replicas", "s-"), ("host_cores", "hosts", "^-")):
+            ax.plot(gpus, [r[key] for r in mine], style, label=label)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(gpus, [str(g) for g in gpus])
+        ax.set_xlabel("GPUs")
+        ax.set_title(workload, fontsize=10)
+    axes[0].set_ylabel("cores needed (this machine's)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Projected load: {TOKENS_PER_S_PER_GPU} tok/s a GPU, {TOKENS_PER_LAUNCH} tokens a launch "
+                 f"(dashed: one core, all the directory has)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     import ray
 
     ap = argparse.ArgumentParser(prog="python -m cluster.bench.capacity", description=__doc__.split("\n")[0])
     ap.add_argument("--launches", type=int, default=100, help="sequential launches timed hop by hop")
     ap.add_argument("--concurrency", type=int, default=8, help="clients at once (launches, relay)")
-    ap.add_argument("--messages", type=int, default=500, help="messages each relay inferlet sends")
+    ap.add_argument("--concurrent-launches", type=int, default=400, help="launches by the clients at once, in all")
+    ap.add_argument("--messages", type=int, default=2000, help="messages each relay inferlet sends")
     ap.add_argument("--directory-seconds", type=float, default=3.0,
                     help="each directory and bus throughput loop, and the idle window counting background calls")
     ap.add_argument("--directory-rounds", type=int, default=2000, help="in-process directory calls per size")
@@ -652,10 +748,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copy-repeats", type=int, default=6)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="the workers' (page bytes follow it)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--png", default=None, help="also draw the projection here (needs matplotlib: the bench extra)")
+    ap.add_argument("--from-json", default=None, help="measure nothing: print and project this earlier run's JSON")
     opts = ap.parse_args(argv)
+    if opts.from_json:
+        return report(json.loads(Path(opts.from_json).read_text()), None, opts.png)
     program = build(SEND_MESSAGES)
     results: dict = {"cores": os.cpu_count(), "dtype": opts.dtype, "message_bytes": MESSAGE_BYTES,
-                     "options": vars(opts)}
+                     "options": {k: v for k, v in vars(opts).items() if k not in ("json", "png", "from_json")},
+                     "loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}
     results["directory_in_process"] = directory_in_process(opts.directory_rounds)
     progress("starting a local Ray and the cluster (2 workers, 1 host) ...")
     bench = start(workers=2, dtype=opts.dtype, wait=False)
@@ -669,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         results["bus"] = [bus_throughput(cluster.directory.bus_target, cluster.internal_token, pids["directory"],
                                          opts.directory_seconds, threads) for threads in (1, 4)]
         results["launch"] = launch_hops(cluster, directory_actor, pids, program, opts.launches, opts.concurrency,
-                                        idle_s=max(1.0, opts.directory_seconds))
+                                        opts.concurrent_launches, idle_s=max(1.0, opts.directory_seconds))
         results["relay"] = relay(gateways[0], host_target, cluster.internal_token, pids, program, opts.concurrency,
                                  opts.messages)
         results["page_copy"] = page_copy(cluster, opts.copy_pages, opts.copy_repeats)
@@ -677,9 +778,18 @@ def main(argv: list[str] | None = None) -> int:
         for g in gateways:
             g.stop()
         bench.close()
+    results["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    return report(results, opts.json, opts.png)
+
+
+def report(results: dict, json_path: str | None, png_path: str | None) -> int:
+    results["projection"] = project(results)
     print_table(results)
-    if opts.json:
-        Path(opts.json).write_text(json.dumps(results, indent=2) + "\n")
+    print_projection(results["projection"])
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+    if png_path:
+        projection_chart(results["projection"], png_path)
     return 0
 
 

@@ -18,9 +18,13 @@ row pays, and on a small machine its CPU), and the question here is what a repli
 Two loads, each a closed loop: every client launches --rounds inferlets one after another.
 - relay-bound: inferlets/bench/send_messages.py, --messages 16-byte messages each, no model.
 - model-bound: inferlets/examples/text_completion.py, --tokens tokens each (--ignore-eos).
-Per row: launches a second, messages a second, TTFT and time per output token (medians over requests),
-and each process's CPU seconds a second (cores). Each repeat runs every row of a pool (1 and 2 gateways
-in alternating order); figures are medians over repeats, and a ratio the median of paired ratios.
+Per row: launches a second, messages a second, TTFT and time per output token (medians over requests;
+in a relay-bound row, the time between an inferlet's messages), each process's CPU seconds a second
+(cores; "machine" counts every process on the machine, "others" what none of the measured ones used:
+Ray's daemons and other users' work), the 1-minute load average at its end, and the gateways' and hosts'
+CPU per message (a model-bound inferlet sends one a token; its short completions make launches weigh in).
+Each repeat runs every row of a pool (1 and 2 gateways in alternating order); figures are medians over
+repeats, and a ratio the median of paired ratios.
 """
 from __future__ import annotations
 
@@ -92,6 +96,11 @@ def load(clients: list[PieClient], program_ids: list[str], arguments, concurrenc
                                                for r in decoded) if decoded else float("nan")}
 
 
+def loadavg() -> float:
+    """The machine's 1-minute load average (this run's processes included)."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def cores(cpu: dict[str, float], gateway_names: list[str]) -> dict[str, float]:
     """CPU seconds a second (cores busy) of each process over the row; the gateways' summed."""
     wall = cpu.pop("wall")
@@ -151,9 +160,16 @@ def measure_pool(pool: str, opts, programs: dict[str, Path]) -> tuple[dict, list
                     meter = CpuMeter(meter_pids | host_pids | gateway_pids).start()
                     row = load(clients[:n], program_ids[:n], arguments, concurrency, opts.rounds)
                     cpu = meter.stop()
+                    # CPU of every process on the machine that is none of the cluster's measured ones: Ray's
+                    # daemons (~0.1 core), and other users' work, which a 2-core box shares
+                    unaccounted = (cpu["machine"] - sum(v for k, v in cpu.items() if k not in ("machine", "wall")))
                     host_cores = sum(cpu.pop(h) for h in host_pids) / cpu["wall"]
                     row |= cores(cpu, list(gateway_pids)) | {"hosts_cores": host_cores}
-                    row |= {"pool": pool, "load": kind, "gateways": n, "hosts": len(hosts)}
+                    row |= {"pool": pool, "load": kind, "gateways": n, "hosts": len(hosts),
+                            "unaccounted_cores": unaccounted / row["wall_s"], "loadavg_1m": loadavg(),
+                            # CPU per message (a model-bound inferlet sends one a token): where a message's time goes
+                            "gateway_us_per_message": 1e6 * row["gateways_cores"] / row["messages_per_s"],
+                            "host_us_per_message": 1e6 * host_cores / row["messages_per_s"]}
                     repeat[name] = row
                     progress(f"  {row['launches_per_s']:.1f} launches/s, {row['messages_per_s']:.0f} messages/s, "
                              f"TPOT {row['tpot_ms']:.1f} ms, gateways {row['gateways_cores']:.2f} cores, "
@@ -196,11 +212,14 @@ def summarize(repeats: list[dict]) -> dict:
 
 def print_table(results: dict) -> None:
     print(f"{'':>22} {'hosts':>5} {'launch/s':>9} {'msgs/s':>8} {'TTFT ms':>8} {'TPOT ms':>8} "
-          f"{'gw cores':>8} {'host cores':>10} {'dir cores':>9} {'client':>7} {'machine':>7}")
+          f"{'gw cores':>8} {'host cores':>10} {'dir cores':>9} {'client':>7} {'machine':>7} {'gw µs/msg':>9} "
+          f"{'host µs/msg':>11}")
     for name, row in results["rows"].items():
-        print(f"{name:>22} {row['hosts']:>5} {row['launches_per_s']:9.2f} {row['messages_per_s']:8.0f} "
+        print(f"{name:>22} {int(row['hosts']):>5} {row['launches_per_s']:9.2f} {row['messages_per_s']:8.0f} "
               f"{row['ttft_ms']:8.1f} {row['tpot_ms']:8.2f} {row['gateways_cores']:8.2f} {row['hosts_cores']:10.2f} "
-              f"{row['directory_cores']:9.2f} {row['client_cores']:7.2f} {row['machine_cores']:7.2f}")
+              f"{row['directory_cores']:9.2f} {row['client_cores']:7.2f} {row['machine_cores']:7.2f} "
+              f"{row['unaccounted_cores']:6.2f} {row['gateway_us_per_message']:9.0f} "
+              f"{row['host_us_per_message']:11.0f}")
     print()
     for label, ratio in results["ratios"].items():
         each = ", ".join(f"{p.get('messages_per_s', 0):.2f}" for p in ratio["each"])
@@ -218,15 +237,19 @@ def chart(results: dict, path: str) -> None:
     rows = results["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, kind, metric, label in ((axes[0], "relay", "messages_per_s", "messages/s (relay-bound)"),
-                                    (axes[1], "model", "launches_per_s", "launches/s (model-bound, short completions)")):
+                                    (axes[1], "model", "launches_per_s",
+                                     "launches/s (model-bound, short completions)")):
         names = [n for n, r in rows.items() if r["load"] == kind]
         ax.bar(range(len(names)), [rows[n][metric] for n in names],
                color=["#4c72b0" if rows[n]["gateways"] == 1 else "#dd8452" for n in names])
-        ax.set_xticks(range(len(names)), [f"{rows[n]['pool']}\n{rows[n]['gateways']} gw, {rows[n]['hosts']} host"
-                                          f"{'s' if rows[n]['hosts'] > 1 else ''}" for n in names], fontsize=8)
+        for i, n in enumerate(names):  # each repeat
+            each = [rep[n][metric] for rep in results.get("repeats", []) if n in rep]
+            ax.plot([i] * len(each), each, "k.", ms=4)
+        ax.set_xticks(range(len(names)), [f"{rows[n]['pool']}\n{int(rows[n]['gateways'])} gw, {int(rows[n]['hosts'])} "
+                                          f"host{'s' if rows[n]['hosts'] > 1 else ''}" for n in names], fontsize=8)
         ax.set_title(label, fontsize=10)
-    fig.suptitle(f"1 vs 2 gateway replicas, fixed vs elastic host pool ({results['cores']} cores, one run)",
-                 fontsize=10)
+    fig.suptitle(f"1 vs 2 gateway replicas, fixed vs elastic host pool ({results['cores']} cores, one run; "
+                 f"bars: medians, dots: repeats)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
