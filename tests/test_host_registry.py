@@ -138,3 +138,14 @@ def test_ids_and_addresses_are_size_checked():
         r.host_alive("h" * 300, "127.0.0.1:1", 2)
     with pytest.raises(InvalidDirectoryRequest, match="max_running 0"):
         r.host_alive("h", "127.0.0.1:1", 0)
+
+
+def test_running_counts_follow_starts_ends_restores_and_dropped_hosts():
+    r = hosts("a", "b", max_running=10)
+    for i in range(3):
+        r.instance_started(f"i{i}", "a", PROGRAM, "d")
+    r.instances_restore("b", [("i0", PROGRAM, "d", 1.0)])  # recorded again, on b: counted once
+    r.instance_ended("i1")
+    assert {h.host_id: h.running for h in r.hosts()} == {"a": 1, "b": 1}
+    assert r.drop_host("a") == ["i2"]
+    assert {h.host_id: h.running for h in r.hosts()} == {"b": 1}

@@ -81,6 +81,7 @@ class HostRegistry:
         self._hosts_lock = threading.Lock()
         self._hosts: dict[str, _Host] = {}
         self._instances: dict[str, InstanceRecord] = {}  # running ones
+        self._running: collections.Counter[str] = collections.Counter()  # host id -> its running ones
         self._ended: collections.OrderedDict[str, tuple[InstanceRecord | None, float]] = collections.OrderedDict()
         self._programs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._program_bytes = 0
@@ -159,8 +160,7 @@ class HostRegistry:
                 host.picks.popleft()
             if instance_id in self._ended:  # it ended before its start was recorded
                 return
-            self._instances[instance_id] = InstanceRecord(instance_id, host_id, host.target, program_id,
-                                                          time.time(), token_digest_)
+            self._record(InstanceRecord(instance_id, host_id, host.target, program_id, time.time(), token_digest_))
 
     def instances_restore(self, host_id: str, records: list[tuple[str, str, str, float]]) -> None:
         """A host's running inferlets again, (instance id, program id, token digest, started), after the
@@ -172,8 +172,7 @@ class HostRegistry:
             for instance_id, program_id, digest, started in records:
                 _check_ids(instance_id, program_id, digest)
                 if instance_id not in self._ended:
-                    self._instances[instance_id] = InstanceRecord(instance_id, host_id, host.target, program_id,
-                                                                  started, digest)
+                    self._record(InstanceRecord(instance_id, host_id, host.target, program_id, started, digest))
 
     def instance_ended(self, instance_id: str) -> None:
         with self._hosts_lock:
@@ -228,7 +227,7 @@ class HostRegistry:
     # -- under the lock ----------------------------------------------------------------------------
     def _loads(self) -> list[HostLoad]:
         now = time.monotonic()
-        running = collections.Counter(r.host_id for r in self._instances.values())
+        running = self._running
         loads = []
         for host_id, h in sorted(self._hosts.items()):
             while h.picks and now - h.picks[0] > PICK_TTL_S:
@@ -246,15 +245,29 @@ class HostRegistry:
             self._ended.popitem(last=False)
         return dead
 
+    def _record(self, record: InstanceRecord) -> None:
+        old = self._instances.get(record.instance_id)
+        if old is not None:  # recorded again (a restore): counted once, on its host now
+            self._uncount(old.host_id)
+        self._instances[record.instance_id] = record
+        self._running[record.host_id] += 1
+
+    def _uncount(self, host_id: str) -> None:
+        self._running[host_id] -= 1
+        if self._running[host_id] <= 0:
+            del self._running[host_id]
+
     def _drop_host(self, host_id: str) -> list[str]:
         self._hosts.pop(host_id, None)
-        gone = [i for i, r in self._instances.items() if r.host_id == host_id]
+        gone = [i for i, r in self._instances.items() if r.host_id == host_id]  # rare: a scan is fine
         for instance_id in gone:
             self._end(instance_id)
         return gone
 
     def _end(self, instance_id: str) -> None:
         record = self._instances.pop(instance_id, None)
+        if record is not None:
+            self._uncount(record.host_id)
         self._ended[instance_id] = (replace(record, ended=True) if record else None, time.monotonic())
         self._ended.move_to_end(instance_id)
         while len(self._ended) > ENDED_KEPT:
