@@ -108,6 +108,12 @@ class ExportNotMovable(DirectoryError):
     running inferlet that exported it), or a move of it is already in flight. The message says which."""
 
 
+class InferletNotMovable(DirectoryError):
+    """A running inferlet cannot move to another worker now: it has non-persistent exports (their pages
+    are shared where they are), an import's copy or a pass that did not finish in time, or it ended. The
+    message says which."""
+
+
 class UnknownMove(DirectoryError):
     """No move with this id is in flight: it finished or was aborted, or it was cancelled because its
     export ended or its source or destination worker died."""

@@ -10,8 +10,8 @@ import pytest
 
 from cluster.actors.directory_records import EndExport, MovePlan
 from cluster.actors.kv_directory import KvDirectory
-from cluster.errors import (DirectoryInvariantBroken, ExportNotMovable, InvalidDirectoryRequest, UnknownExport,
-                            UnknownMove, UnknownWorker, WorkerDead)
+from cluster.errors import (DirectoryInvariantBroken, ExportNotMovable, InferletNotMovable, InvalidDirectoryRequest,
+                            UnknownExport, UnknownMove, UnknownOwner, UnknownWorker, WorkerDead)
 from cluster.worker.prefix_hashes import tokens_from_sdk_meta
 from helpers import wait_until
 from workers.step_types import ForwardRequest, Sampler
@@ -89,8 +89,7 @@ def test_a_move_is_refused_with_its_cause(d):
     with pytest.raises(InvalidDirectoryRequest, match=r"'kept' is already on worker 'w0'; nothing to move"):
         d.begin_move("kept", "w0")
     with pytest.raises(ExportNotMovable, match=r"'own' is not persistent: its pages live with the running "
-                                               r"inferlet 'a' on worker 'w0', and moving a running inferlet is "
-                                               r"not supported"):
+                                               r"inferlet 'a' on worker 'w0' and end with it"):
         d.begin_move("own", "w1")
     plan = d.begin_move("kept", "w1")
     with pytest.raises(ExportNotMovable, match=rf"'kept' is already moving to worker 'w1' \(move {plan.move_id}\)"):
@@ -147,6 +146,40 @@ def test_a_persistent_export_moves_on_after_its_owner_ends(d):
     plan = d.begin_move("sys", "w1")
     d.owner_ended("a")
     assert d.finish_move(plan.move_id, [5]).export.worker_id == "w1"
+
+
+def test_a_running_inferlet_moves_to_another_worker_in_the_directory(d):
+    d.export("a", "kept", [1], persistent=True)  # a persistent export stays where it is
+    moved = d.move_owner("a", "w1")
+    assert (moved.worker_id, d.owner("a").worker_id) == ("w1", "w1")
+    assert {w.worker_id: w.running for w in d.workers()} == {"w0": 0, "w1": 2}
+    assert d.import_("a", "kept").copy.src_worker == "w0"  # it now reads the export from across
+    d.check_invariants()
+    assert d.owner_ended("a").releases[-1].worker_id == "w1"  # its pages are dropped where they now are
+
+
+def test_moving_a_running_inferlet_is_refused_with_its_cause(d):
+    d.register("w2", 64)
+    d.worker_died("w2")
+    with pytest.raises(UnknownOwner, match="no running inferlet 'z'"):
+        d.move_owner("z", "w1")
+    with pytest.raises(UnknownWorker, match="cannot move inferlet 'a' to 'w9'"):
+        d.move_owner("a", "w9")
+    with pytest.raises(WorkerDead, match="cannot move inferlet 'a' to worker 'w2': it died"):
+        d.move_owner("a", "w2")
+    with pytest.raises(InvalidDirectoryRequest, match="'a' is already on worker 'w0'"):
+        d.move_owner("a", "w0")
+    d.export("a", "mine", [2])
+    with pytest.raises(InferletNotMovable, match=r"'a' exports 'mine' \(not persistent\).*after it unexports them"):
+        d.move_owner("a", "w1")
+    d.unexport("a", "mine")
+    d.export("b", "theirs", [2])
+    plan = d.import_("a", "theirs")
+    with pytest.raises(InferletNotMovable, match="'a' has an import's copy in flight to worker 'w0'"):
+        d.move_owner("a", "w1")
+    d.end_lease(plan.copy.lease_id)
+    assert d.move_owner("a", "w1").worker_id == "w1"
+    assert {w.worker_id: w.running for w in d.workers()} == {"w0": 0, "w1": 2, "w2": 0}
 
 
 def test_exports_on_lists_a_workers_exports(d):
@@ -371,7 +404,7 @@ def test_drain_moves_every_persistent_export_off_a_worker_and_says_what_stays(cl
     assert sorted(m.name for m in drained.moved) == names
     assert {(m.src_worker, m.dst_worker) for m in drained.moved} == {("worker-1", "worker-0")}
     [stayed] = drained.not_moved
-    assert stayed.name == "scratch" and "moving a running inferlet is not supported" in stayed.reason
+    assert stayed.name == "scratch" and "live with the running inferlet" in stayed.reason
     assert [e.name for e in cluster.directory.exports_on("worker-1")] == ["scratch"]
     moved_pages = sum(m.num_pages for m in drained.moved)
     pages_come_back(cluster, [NUM_PAGES - moved_pages, NUM_PAGES - 2])  # only the running inferlet's pages stay
@@ -381,4 +414,87 @@ def test_drain_moves_every_persistent_export_off_a_worker_and_says_what_stays(cl
     conn.release(owner)
     for system in firsts:
         unexport(local_host, system)
+    settled(cluster)
+
+
+# -- moving a running inferlet between its steps (cluster.actors.inferlet_move) ------------------------
+
+TEXT = "inferlets/examples/text_completion.py"
+STORY = ["--prompt", "Tell me a long story about a lighthouse keeper.", "--max-tokens", "48", "--ignore-eos"]
+
+
+@pytest.fixture(scope="module")
+def story(local_host):
+    """The unmoved run's text (greedy, fp32, alone on its worker: the same text every time)."""
+    outcome = local_host.run(TEXT, STORY, worker_id="worker-0")
+    assert outcome.ok, outcome.error
+    return "".join(outcome.messages)
+
+
+def launch_until(host, program, arguments, worker_id, messages):
+    """Launch, and return once the inferlet has sent `messages` messages (it is mid-generation then)."""
+    running = host.launch(program, arguments, worker_id=worker_id)
+    wait_until(lambda: len(running.outcome.messages) >= messages or running.done, 60,
+               f"{messages} messages from the inferlet")
+    assert not running.done, "it ended before it could be moved"
+    return running
+
+
+def test_a_running_inferlet_moves_between_steps_and_writes_the_same_text(cluster, local_host, story):
+    running = launch_until(local_host, TEXT, STORY, "worker-0", 6)
+    with pytest.raises(InvalidDirectoryRequest, match="already on worker 'worker-0'"):
+        local_host.move_inferlet(running.instance_id, "worker-0")
+    moved = local_host.move_inferlet(running.instance_id, "worker-1")
+    assert (moved.instance_id, moved.src_worker, moved.dst_worker) == (running.instance_id, "worker-0", "worker-1")
+    assert moved.num_pages >= 1
+    assert local_host.where(running.instance_id) == "worker-1"
+    assert cluster.directory.owner(running.instance_id).worker_id == "worker-1"
+    assert free_pages(cluster)[0] == NUM_PAGES  # the old worker gave back everything it held
+    assert running.wait(120).ok, running.outcome.error
+    assert "".join(running.outcome.messages) == story  # the same KV, so the same greedy text
+    with pytest.raises(UnknownOwner, match="no running inferlet"):
+        local_host.move_inferlet(running.instance_id, "worker-0")
+    settled(cluster)
+
+
+def test_an_inferlet_holding_imported_pages_moves_there_and_back(cluster, local_host):
+    """prefix_cache.py's second run imports the system prompt's export (shared, read-only pages) and
+    decodes past it: its copies on the new worker must read the same, twice over."""
+    status, first = answer(local_host, "worker-0", SYSTEM, "--max-tokens", "40")
+    assert status == "cache miss"
+    [name] = cluster.directory.list_exports("prefix-cache/")
+    running = launch_until(local_host, PREFIX, ["--system", SYSTEM, "--max-tokens", "40"], "worker-0", 3)
+    there = local_host.move_inferlet(running.instance_id, "worker-1")
+    back = local_host.move_inferlet(running.instance_id, "worker-0")
+    assert (there.dst_worker, back.dst_worker) == ("worker-1", "worker-0")
+    assert back.num_pages == there.num_pages
+    assert running.wait(120).ok, running.outcome.error
+    assert (running.outcome.messages[0], "".join(running.outcome.messages[1:])) == ("cache hit", first)
+    assert cluster.directory.lookup(name).worker_id == "worker-0"  # the export itself did not move
+    unexport(local_host)
+    settled(cluster)
+
+
+def test_drain_moves_the_hosts_running_inferlets_off_the_worker_too(cluster, local_host, story):
+    running = launch_until(local_host, TEXT, STORY, "worker-1", 4)
+    drained = local_host.drain_worker("worker-1")
+    [moved] = drained.inferlets
+    assert (moved.instance_id, moved.src_worker, moved.dst_worker) == (running.instance_id, "worker-1", "worker-0")
+    assert free_pages(cluster)[1] == NUM_PAGES
+    assert running.wait(120).ok, running.outcome.error
+    assert "".join(running.outcome.messages) == story
+    settled(cluster)
+
+
+def test_the_moves_benchmark_moves_a_generating_inferlet_and_checks_its_text(cluster, local_host, capsys):
+    from cluster.bench import moves
+
+    results = moves.measure(local_host, tokens=24, moves=2, prompt_words=60)
+    made = results["moved"]["moves"]
+    assert len(made) == 2 and all(m["pages"] >= 2 and m["ms"] > 0 for m in made)
+    assert results["moved"]["text"] == results["unmoved"]["text"]  # measure() raises otherwise; not vacuous
+    assert results["moved"]["messages"] == results["unmoved"]["messages"] >= 20
+    moves.print_table(results)
+    assert "moved / unmoved total" in capsys.readouterr().out
+    assert [local_host.connection(w).list_exports() for w in ("worker-0", "worker-1")] == [[], []]
     settled(cluster)

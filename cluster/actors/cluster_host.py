@@ -7,8 +7,9 @@ recorded too. Inside, one InferletHost per worker runs the inferlets placed on i
 thread, its ClusterWorker); they share this host's sandbox, its one connection per worker and one
 message bus: the cluster's (a RemoteBus, see cluster/rpc/bus_service.py), or else one of this host's own.
 
-It is also where an operator moves exports between workers (`move_export`, `drain_worker`: see
-cluster/actors/kv_migration.py), over the same connections.
+It is also where an operator moves exports between workers (`move_export`, see
+cluster/actors/kv_migration.py) and this host's running inferlets (`move_inferlet`, see
+cluster/actors/inferlet_move.py), or empties a worker of both (`drain_worker`), over the same connections.
 
 A lost connection marks its worker dead in the directory (unless it already rejoined elsewhere):
 the inferlets on it fail with WorkerUnavailable naming it, and the next launch placed on it (once
@@ -16,6 +17,7 @@ Ray restarted it and it joined again) dials its new address.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -26,8 +28,9 @@ from typing import Callable
 from wasmtime import component as wc
 
 from cluster.rpc.bus_service import RemoteBus
-from cluster.actors import kv_migration
+from cluster.actors import inferlet_move, kv_migration
 from cluster.actors.cluster_worker import ClusterWorker
+from cluster.errors import InferletError, UnknownOwner
 from cluster.services.http_client import HttpPolicy
 from cluster.runtime.inferlet_host import InferletHost, Outcome, RunningInferlet, load_component
 from cluster.services.messaging import BusLimits, MessageBus
@@ -62,6 +65,7 @@ class ClusterHost:
         self._hosts: dict[str, InferletHost] = {}  # worker id -> the host of the inferlets placed there
         self._tokenizer: Tokenizer | None = None
         self._ids = itertools.count(1)
+        self._placed: dict[str, str] = {}  # running inferlet -> the worker it was placed on (its scheduler's)
 
     # -- launching -------------------------------------------------------------------------------
     def component(self, program: str | Path | wc.Component) -> wc.Component:
@@ -88,6 +92,8 @@ class ClusterHost:
 
         try:
             host = self.host_for(owner.worker_id)
+            with self._lock:
+                self._placed[instance_id] = owner.worker_id
             return host.launch(component, arguments, limits, on_message, ended, instance_id=instance_id,
                                cache_scope=cache_scope, keep_messages=keep_messages)
         except BaseException:
@@ -96,6 +102,8 @@ class ClusterHost:
 
     def _forget(self, instance_id: str) -> None:
         """The inferlet ended: the directory drops it (and what it owned there)."""
+        with self._lock:
+            self._placed.pop(instance_id, None)
         try:
             self.directory.owner_ended(instance_id)
         except Exception as e:  # already dropped (its worker died, or its launch failed): nothing to record
@@ -156,9 +164,55 @@ class ClusterHost:
         return kv_migration.move_export(self.directory, self.connection, name, to_worker)
 
     def drain_worker(self, worker_id: str) -> kv_migration.Drained:
-        """Move every export off `worker_id` (before removing it), each to the live worker with the most
-        free pages; the answer lists what moved and what could not, with why."""
-        return kv_migration.drain_worker(self.directory, self.connection, worker_id)
+        """Move this host's running inferlets off `worker_id` (before removing it), then every export,
+        each to the live worker with the most free pages; the answer lists what moved and what could
+        not, with why. Other hosts' inferlets stay: drain it on each host (HostService.drain_worker)."""
+        inferlets = self.move_inferlets_off(worker_id)
+        drained = kv_migration.drain_worker(self.directory, self.connection, worker_id)
+        return dataclasses.replace(drained, inferlets=inferlets)
+
+    # -- moving running inferlets between workers ------------------------------------------------
+    def move_inferlet(self, instance_id: str, to_worker: str) -> inferlet_move.MovedInferlet:
+        """Move running inferlet `instance_id` of this host to worker `to_worker`, between its steps: its
+        pages are copied there, and its passes and page calls go there from then on (see
+        cluster/actors/inferlet_move.py). Raises the refusal (InferletNotMovable, UnknownWorker, ...) or
+        what failed; it then runs on where it was."""
+        with self._lock:
+            placed = self._placed.get(instance_id)
+            host = self._hosts.get(placed) if placed else None
+        if host is None:
+            raise UnknownOwner(f"no running inferlet {instance_id!r} on host {self.host_id}; it ended, or "
+                               f"runs on another host")
+        return host.worker.move(instance_id, to_worker)
+
+    def where(self, instance_id: str) -> str:
+        """The worker a running inferlet of this host has its pages on now."""
+        with self._lock:
+            placed = self._placed.get(instance_id)
+            host = self._hosts.get(placed) if placed else None
+        if host is None:
+            raise UnknownOwner(f"no running inferlet {instance_id!r} on host {self.host_id}")
+        return host.worker.where(instance_id)
+
+    def move_inferlets_off(self, worker_id: str) -> tuple[inferlet_move.MovedInferlet | kv_migration.NotMoved, ...]:
+        """Move each of this host's running inferlets on `worker_id` to the live worker with the most free
+        pages; an inferlet that cannot move (or ended meanwhile) is listed with why."""
+        with self._lock:
+            candidates = list(self._placed)
+        results = []
+        for instance_id in candidates:
+            try:
+                if self.where(instance_id) != worker_id:
+                    continue
+                others = [w for w in self.directory.workers() if w.live and w.worker_id != worker_id]
+                if not others:
+                    results.append(kv_migration.NotMoved(instance_id, f"no other live worker than {worker_id!r}"))
+                    continue
+                target = max(others, key=lambda w: (w.free_pages, -w.running, w.worker_id)).worker_id
+                results.append(self.move_inferlet(instance_id, target))
+            except InferletError as e:
+                results.append(kv_migration.NotMoved(instance_id, str(e)))
+        return tuple(results)
 
     # -- ending ----------------------------------------------------------------------------------
     def close(self) -> None:

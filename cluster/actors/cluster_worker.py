@@ -10,14 +10,23 @@ written into pages allocated for the importer here, and the lease ends. The impo
 the copy (its quota counts it) and it is released with the importer like any page it holds.
 The copy runs on a background thread (import_later): the importer waits for it, the host's
 scheduler thread and its other inferlets do not.
+
+An inferlet moved to another worker (`move`, cluster/actors/inferlet_move.py) still runs on this
+worker's host; its calls go where its route says, its page ids translated (cluster/actors/page_map.py).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+import numpy as np
+
+from cluster.actors import inferlet_move
 from cluster.actors.directory_records import ImportPlan
+from cluster.actors.page_copy import copy_pages
+from cluster.worker.prefill_chunks import written_pages
 from cluster.worker.prefix_hashes import tokens_from_sdk_meta
 from cluster.pending import Pending
 from cluster.rpc.remote_worker import RemoteWorker
@@ -27,7 +36,6 @@ from workers.tokenizer import Tokenizer
 
 log = logging.getLogger("pie.cluster")
 
-COPY_CHUNK_PAGES = 8  # pages per read / write call when copying across workers (SmolLM2 fp32: 5.9 MB)
 COPY_THREADS = 4  # copies across workers in flight at once, per worker a host runs inferlets on
 
 
@@ -42,33 +50,70 @@ class ClusterWorker:
         self._peer = peer
         self._import_quota = import_quota
         self._copies = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="kv-copy")
+        self.routes = inferlet_move.Routes()  # the inferlets of this worker's host that moved to another
 
     info: ModelInfo = property(lambda self: self.remote.info)
     tokenizer: Tokenizer = property(lambda self: self.remote.tokenizer)
     num_free_pages: int = property(lambda self: self.remote.num_free_pages)
     target: str = property(lambda self: self.remote.target)
 
-    # -- the inferlet's own worker ---------------------------------------------------------------
+    # -- the inferlet's own worker (or, once it moved, the one its route names) --------------------
     def allocate(self, holder: str, count: int, quota: int) -> list[int]:
-        return self.remote.allocate(holder, count, quota)
+        with self.routes.calling(holder) as route:
+            if route is None:
+                return self.remote.allocate(holder, count, quota)
+            return route.virtual(route.remote.allocate(holder, count, quota))
 
     def free(self, holder: str, pages: list[int]) -> None:
-        self.remote.free(holder, pages)
+        with self.routes.calling(holder) as route:
+            if route is None:
+                self.remote.free(holder, pages)
+            else:
+                route.free(holder, pages)
 
     def copy(self, holder: str, src: int, dst: int, src_start: int, dst_start: int, length: int) -> None:
-        self.remote.copy(holder, src, dst, src_start, dst_start, length)
+        with self.routes.calling(holder) as route:
+            if route is None:
+                self.remote.copy(holder, src, dst, src_start, dst_start, length)
+            else:
+                [dst] = route.writable([dst])
+                route.remote.copy(holder, route.physical([src])[0], dst, src_start, dst_start, length)
 
     def mask(self, holder: str, page: int, masked: list[bool]) -> None:
-        self.remote.mask(holder, page, masked)
+        with self.routes.calling(holder) as route:
+            if route is None:
+                self.remote.mask(holder, page, masked)
+            else:
+                route.remote.mask(holder, route.writable([page])[0], masked)
 
     def forward(self, holder: str, request: ForwardRequest) -> Pending:
-        return self.remote.forward(holder, request)
+        gate, route = self.routes.later(holder)
+        if gate is not None:  # a move of this inferlet is in progress: the pass goes out after it
+            return _after(gate, lambda: self.forward(holder, request))
+        try:
+            if route is None:
+                result = self.remote.forward(holder, request)
+            else:
+                pages = route.physical(request.kv_page_indices)
+                route.writable(written_pages(request, self.info.page_size))
+                result = route.remote.forward(holder, replace(request, kv_page_indices=np.array(pages, np.int64)))
+        except BaseException:
+            self.routes.leave(holder)
+            raise
+        result.on_done(lambda _: self.routes.leave(holder))
+        return result
 
     def cache_lookup(self, holder: str, hashes: list[bytes]) -> list[int]:
-        return self.remote.cache_lookup(holder, hashes)  # the worker's own cache: not in the directory
+        with self.routes.calling(holder) as route:  # the worker's own cache: not in the directory
+            if route is None:
+                return self.remote.cache_lookup(holder, hashes)
+            return route.virtual(route.remote.cache_lookup(holder, hashes))
 
     def cache_store(self, holder: str, hashes: list[bytes], pages: list[int]) -> int:
-        return self.remote.cache_store(holder, hashes, pages)
+        with self.routes.calling(holder) as route:
+            if route is None:
+                return self.remote.cache_store(holder, hashes, pages)
+            return route.remote.cache_store(holder, hashes, route.physical(pages))
 
     def hold(self) -> None:
         self.remote.hold()
@@ -77,27 +122,41 @@ class ClusterWorker:
         self.remote.flush()
 
     def release(self, holder: str) -> None:
-        self.remote.release(holder)
+        route = self.routes.pop(holder)
+        (route.remote if route else self.remote).release(holder)
 
     def close(self) -> None:
         self._copies.shutdown(wait=False, cancel_futures=True)
         self.remote.close()
 
+    # -- moving a running inferlet ---------------------------------------------------------------
+    def move(self, holder: str, to_worker: str) -> inferlet_move.MovedInferlet:
+        """Move inferlet `holder`'s pages (and its calls from now on) to `to_worker`, between its steps."""
+        return inferlet_move.move_inferlet(self, holder, to_worker)
+
+    def where(self, holder: str) -> str:
+        """The worker inferlet `holder`'s calls go to now."""
+        route = self.routes.route(holder)
+        return route.worker_id if route else self.worker_id
+
+    def connect(self, worker_id: str) -> RemoteWorker:
+        return self.remote if worker_id == self.worker_id else self._peer(worker_id)
+
     # -- global names ----------------------------------------------------------------------------
     def export(self, holder: str, name: str, pages: list[int], meta: str, persistent: bool) -> None:
-        self.directory.export(holder, name, pages, meta, persistent, tokens_from_sdk_meta(meta))
-        try:
-            self.remote.export(holder, name, pages, meta, persistent)
-        except Exception:
-            self.directory.unexport(holder, name)  # the worker refused (pages not held, cap): undo the claim
-            raise
+        with self.routes.calling(holder) as route:
+            remote, pages = (self.remote, pages) if route is None else (route.remote, route.physical(pages))
+            self.directory.export(holder, name, pages, meta, persistent, tokens_from_sdk_meta(meta))
+            try:
+                remote.export(holder, name, pages, meta, persistent)
+            except Exception:
+                self.directory.unexport(holder, name)  # the worker refused (pages not held, cap): undo the claim
+                raise
 
     def unexport(self, holder: str, name: str) -> None:
-        ended = self.directory.unexport(holder, name)
-        if ended.worker_id == self.worker_id:
-            self.remote.unexport(holder, name)
-        else:
-            self._peer(ended.worker_id).unexport(holder, name)
+        with self.routes.calling(holder):
+            ended = self.directory.unexport(holder, name)
+            self.connect(ended.worker_id).unexport(holder, name)
 
     def list_exports(self, prefix: str = "") -> list[str]:
         return self.directory.list_exports(prefix)
@@ -110,15 +169,29 @@ class ClusterWorker:
         this worker is shared at once; one on another worker is copied on a background thread, as
         long as its size takes, while the host's other inferlets run. The Pending completes with
         (pages, meta) once the copy is done and its lease has ended."""
+        gate, route = self.routes.later(holder)
+        if gate is not None:  # a move of this inferlet is in progress: the import is made after it
+            return _after(gate, lambda: self.import_later(holder, name))
+        try:
+            done = self._import(holder, name, route.remote if route else self.remote)
+        except BaseException:
+            self.routes.leave(holder)
+            raise
+        if route is not None:
+            done = _mapped(done, lambda value: (route.virtual(value[0]), value[1]))
+        done.on_done(lambda _: self.routes.leave(holder))
+        return done
+
+    def _import(self, holder: str, name: str, remote: RemoteWorker) -> Pending:
         plan: ImportPlan = self.directory.import_(holder, name)
         if plan.copy is None:
-            return self.remote.import_later(holder, name)
+            return remote.import_later(holder, name)
         done = Pending()
 
         def copy() -> None:  # completes `done` whatever happens, or the inferlet would wait forever
             error, pages = None, []
             try:
-                pages = self._copy_in(holder, plan)
+                pages = self._copy_in(holder, plan, remote)
             except BaseException as e:
                 error = e
             try:
@@ -133,17 +206,17 @@ class ClusterWorker:
         self._copies.submit(copy)
         return done
 
-    def _copy_in(self, holder: str, plan: ImportPlan) -> list[int]:
-        """The export's pages copied from their worker into new pages of `holder` here."""
+    def _copy_in(self, holder: str, plan: ImportPlan, remote: RemoteWorker) -> list[int]:
+        """The export's pages copied from their worker into new pages of `holder` on `remote`."""
         source = self._peer(plan.copy.src_worker)
         lease = f"lease-{plan.copy.lease_id}"  # a holder on the source worker for the copy's references
         try:
             src_pages, _ = source.import_(lease, plan.name)
-            pages = self.remote.allocate(holder, len(src_pages), self._import_quota)
+            pages = remote.allocate(holder, len(src_pages), self._import_quota)
             try:
-                copy_pages(source, lease, src_pages, self.remote, holder, pages)
+                copy_pages(source, lease, src_pages, remote, holder, pages)
             except BaseException:
-                self.remote.free(holder, pages)
+                remote.free(holder, pages)
                 raise
             log.info("%s: copied %d pages of %r from worker %s", holder, len(pages), plan.name, plan.copy.src_worker)
             return pages
@@ -151,12 +224,33 @@ class ClusterWorker:
             source.release(lease)
 
 
-def copy_pages(source: RemoteWorker, src_holder: str, src_pages: list[int], dest: RemoteWorker, dst_holder: str,
-               dst_pages: list[int]) -> None:
-    """Copy pages' contents from one worker to another, COPY_CHUNK_PAGES at a time: read_pages on the
-    source (pages `src_holder` holds there), write_pages on the destination (pages `dst_holder` may write).
-    An import's copy and an export's move (cluster.actors.kv_migration) both go this way."""
-    for at in range(0, len(src_pages), COPY_CHUNK_PAGES):
-        chunk = slice(at, at + COPY_CHUNK_PAGES)
-        data = source.wait(source.read_pages(src_holder, src_pages[chunk]))
-        dest.wait(dest.write_pages(dst_holder, dst_pages[chunk], data))
+def _after(gate: Pending, call) -> Pending:
+    """call()'s Pending, made once `gate` is done."""
+    out = Pending()
+
+    def go(_) -> None:
+        try:
+            inner = call()
+        except BaseException as e:
+            out.fail(e)
+            return
+        inner.on_done(lambda r: out.fail(r.error) if r.error is not None else out.complete(r.value))
+
+    gate.on_done(go)
+    return out
+
+
+def _mapped(pending: Pending, fn) -> Pending:
+    out = Pending()
+
+    def done(r) -> None:
+        if r.error is not None:
+            out.fail(r.error)
+            return
+        try:
+            out.complete(fn(r.value))
+        except BaseException as e:
+            out.fail(e)
+
+    pending.on_done(done)
+    return out

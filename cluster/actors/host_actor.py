@@ -113,6 +113,14 @@ class HostActor:
         self._stopped.set()
         self.server.stop(grace_s)
 
+    def move_inferlet(self, instance_id: str, to_worker: str):
+        """Move a running inferlet of this host to another worker, between its steps (ClusterHost.move_inferlet)."""
+        return self.host.move_inferlet(instance_id, to_worker)
+
+    def drain_worker(self, worker_id: str):
+        """This host's running inferlets, then every export, off `worker_id` (ClusterHost.drain_worker)."""
+        return self.host.drain_worker(worker_id)
+
     def address(self) -> tuple[str, str]:
         """(host id, target of its client API)."""
         return self.host.host_id, self.server.target

@@ -27,8 +27,12 @@ step, keeping its name, id, meta, owner and prefix index, and says what the sour
 Until the commit everything reads the source; imports from then on read the destination. A copy
 that started before the commit still reads the source under its lease, so the source's pages go
 only once those leases have ended (`MoveDone.open_leases`). Only persistent exports move: a
-non-persistent one's pages are also the running inferlet's own, and running inferlets do not move.
-Ending the export or losing either worker cancels the move (`finish_move` then raises UnknownMove).
+non-persistent one's pages are also the running inferlet's own, and end with it. Ending the export or
+losing either worker cancels the move (`finish_move` then raises UnknownMove).
+
+A running inferlet moves in one step, `move_owner`, once its host has copied its pages to the new
+worker (cluster/actors/inferlet_move.py): refused while it has non-persistent exports or an import's
+copy in flight.
 
 The prefix index hashes each export's full pages of tokens as a chain (hash of the parent
 block's hash and the block's tokens, like vLLM's prefix-caching block hashes), so a prompt
@@ -45,9 +49,9 @@ from dataclasses import dataclass, field
 from cluster.actors.directory_invariants import invariant_problems
 from cluster.actors.directory_records import (CopyPlan, DropHolder, EndExport, ExportInfo, ImportPlan, MoveDone,
                                               MovePlan, OwnerInfo, PrefixMatch, Reclaimed, WorkerLoad)
-from cluster.errors import (DirectoryInvariantBroken, ExportNameTaken, ExportNotMovable, InvalidDirectoryRequest,
-                            NoLiveWorker, NotExportOwner, OwnerExists, UnknownExport, UnknownMove, UnknownOwner,
-                            UnknownWorker, WorkerDead)
+from cluster.errors import (DirectoryInvariantBroken, ExportNameTaken, ExportNotMovable, InferletNotMovable,
+                            InvalidDirectoryRequest, NoLiveWorker, NotExportOwner, OwnerExists, UnknownExport,
+                            UnknownMove, UnknownOwner, UnknownWorker, WorkerDead)
 from cluster.worker.prefix_hashes import block_hashes
 
 MAX_EXPORT_NAME_BYTES = 256  # as cluster.worker.page_registry (not imported: it pulls in torch)
@@ -170,6 +174,27 @@ class KvDirectory:
         with self._lock:
             return self._owner(instance_id)
 
+    def move_owner(self, instance_id: str, to_worker: str) -> OwnerInfo:
+        """A running inferlet's pages were copied to `to_worker` (cluster.actors.inferlet_move): from now on
+        its passes, pages and exports are there. Refused while it has non-persistent exports (their
+        pages would stay behind) or an import's copy in flight (it writes to the old worker)."""
+        with self._lock:
+            owner = self._owner(instance_id)
+            dest = self._destination(f"inferlet {instance_id!r}", owner.worker_id, to_worker)
+            exported = sorted(self._by_id[i].name for i in self._by_owner.get(instance_id, ())
+                              if not self._by_id[i].persistent)
+            if exported:
+                raise InferletNotMovable(f"inferlet {instance_id!r} exports {exported[0]!r} (not persistent): those "
+                                       f"pages are shared from worker {owner.worker_id!r} and cannot move with it; "
+                                       f"move it after it unexports them")
+            if any(lease.plan.importer == instance_id for lease in self._leases.values()):
+                raise InferletNotMovable(f"inferlet {instance_id!r} has an import's copy in flight to worker "
+                                       f"{owner.worker_id!r}; move it once the copy is done")
+            self._workers[owner.worker_id].running -= 1
+            dest.running += 1
+            moved = self._owners[instance_id] = OwnerInfo(instance_id, owner.host_id, to_worker)
+            return moved
+
     def owner_ended(self, instance_id: str) -> Reclaimed:
         """The inferlet ended (exited, trapped, lost its client): its non-persistent exports end,
         its copies in flight are cancelled, and its worker drops what it held."""
@@ -265,19 +290,11 @@ class KvDirectory:
         the copy on it, then calls `finish_move` (or `abort_move` when anything failed)."""
         with self._lock:
             export = self._export(name)
-            dest = self._workers.get(to_worker)
-            if dest is None:
-                raise UnknownWorker(f"cannot move {name!r} to {to_worker!r}: no such worker is registered; "
-                                    f"known: {sorted(self._workers)}")
-            if not dest.live:
-                raise WorkerDead(f"cannot move {name!r} to worker {to_worker!r}: it died and has not registered "
-                                 f"again; pick a live worker")
-            if to_worker == export.worker_id:
-                raise InvalidDirectoryRequest(f"{name!r} is already on worker {to_worker!r}; nothing to move")
+            self._destination(repr(name), export.worker_id, to_worker)
             if not export.persistent:
                 raise ExportNotMovable(f"{name!r} is not persistent: its pages live with the running inferlet "
-                                       f"{export.owner!r} on worker {export.worker_id!r}, and moving a running "
-                                       f"inferlet is not supported. Export it persistent to make it movable")
+                                       f"{export.owner!r} on worker {export.worker_id!r} and end with it. Export it "
+                                       f"persistent to make it movable")
             if export.move is not None:
                 raise ExportNotMovable(f"{name!r} is already moving to worker "
                                        f"{self._moves[export.move].plan.dst_worker!r} (move {export.move}); wait "
@@ -362,6 +379,19 @@ class KvDirectory:
             raise UnknownOwner(f"no running inferlet {instance_id!r} is known to the directory; "
                                f"it ended or was never added")
         return owner
+
+    def _destination(self, what: str, from_worker: str, to_worker: str) -> _Worker:
+        """The live worker `to_worker`, other than `from_worker`, that `what` may move to."""
+        dest = self._workers.get(to_worker)
+        if dest is None:
+            raise UnknownWorker(f"cannot move {what} to {to_worker!r}: no such worker is registered; "
+                                f"known: {sorted(self._workers)}")
+        if not dest.live:
+            raise WorkerDead(f"cannot move {what} to worker {to_worker!r}: it died and has not registered "
+                             f"again; pick a live worker")
+        if to_worker == from_worker:
+            raise InvalidDirectoryRequest(f"{what} is already on worker {to_worker!r}; nothing to move")
+        return dest
 
     def _export(self, name: str) -> _Export:
         export = self._exports.get(name)

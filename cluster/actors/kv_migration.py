@@ -2,7 +2,7 @@
 worker before it is removed (drain).
 
 A move carries out the directory's two phases (KvDirectory.begin_move / finish_move) with the
-workers' own page calls, the same ones an import's copy uses (cluster_worker.copy_pages):
+workers' own page calls, the same ones an import's copy uses (page_copy.copy_pages):
 
 1. `begin_move`: the directory records the move; the export stays readable on the source.
 2. On the source, a holder for the move takes references to the export's pages (an import by name,
@@ -17,8 +17,9 @@ workers' own page calls, the same ones an import's copy uses (cluster_worker.cop
    before the commit has its call on the way to the source worker then, and finds them there.
 
 Any failure before the commit aborts the move and gives back what was made on the destination; the
-export stays on the source as it was. Running inferlets' pages never move (the directory refuses
-non-persistent exports): they live with the inferlet on its worker until it ends.
+export stays on the source as it was. A non-persistent export does not move here (the directory refuses
+it): its pages are its running inferlet's own. A running inferlet moves with its host's help, between
+its steps: cluster/actors/inferlet_move.py.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from cluster.actors.cluster_worker import copy_pages
+from cluster.actors.page_copy import copy_pages
 from cluster.actors.directory_records import MoveDone, MovePlan
 from cluster.errors import InferletError
 from cluster.rpc.remote_worker import RemoteWorker
@@ -58,6 +59,7 @@ class Drained:
     worker_id: str
     moved: tuple[Moved, ...]
     not_moved: tuple[NotMoved, ...]  # still on the worker
+    inferlets: tuple = ()  # ClusterHost.drain_worker: its running inferlets' MovedInferlet, or NotMoved (by id)
 
 
 @dataclass(frozen=True)

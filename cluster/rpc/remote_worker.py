@@ -101,6 +101,10 @@ class RemoteWorker:
     def write_pages(self, holder: str, pages: list[int], data: bytes) -> Pending:
         return self._call("write_pages", holder, list(pages), data)
 
+    def holding(self, holder: str) -> tuple[list[list], list[str]]:
+        pages, exports = self._sync("holding", holder)
+        return [list(p) for p in pages], list(exports)
+
     def release(self, holder: str) -> None:
         try:
             self._sync("release", holder)

@@ -32,7 +32,7 @@ class WorkerServicer(CallServicer):
             "list_exports": lambda holder, prefix: w.list_exports(prefix),
             "cache_lookup": w.cache_lookup, "cache_store": w.cache_store,
             "forward": w.forward, "release": w.release,
-            "read_pages": w.read_pages, "write_pages": w.write_pages,
+            "read_pages": w.read_pages, "write_pages": w.write_pages, "holding": w.holding,
         }, release=w.release, releasing="release",
             hold=w.hold, flush=w.flush)  # one wake-up of the executor thread for a frame's passes
 

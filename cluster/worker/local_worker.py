@@ -125,6 +125,11 @@ class LocalWorker:
         done.on_done(lambda _: self.pages.unpin(pages))
         return done
 
+    def holding(self, holder: str) -> tuple[list[list], list[str]]:
+        """The holder's pages ([page, references, writable]) and non-persistent exports here: what a
+        move of the running inferlet to another worker copies, or refuses (cluster.actors.inferlet_move)."""
+        return self.pages.holding(holder)
+
     # -- forward passes --------------------------------------------------------------------------
     def forward(self, holder: str, request: ForwardRequest) -> Pending:
         """Check and queue one pass; the Pending completes with its list of OutputResult.

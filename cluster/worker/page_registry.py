@@ -232,6 +232,16 @@ class PageRegistry:
         self._give_back(released)
         return names
 
+    def holding(self, holder: str) -> tuple[list[list], list[str]]:
+        """What the holder has here, for moving it to another worker: [page, references, writable]
+        for each page it holds, by page; and the names of its non-persistent exports."""
+        with self._lock:
+            held = self._held.get(holder, collections.Counter())
+            pages = [[p, n, self._allocated_by.get(p) == holder and p not in self._shared]
+                     for p, n in sorted(held.items())]
+            exports = sorted(n for n, e in self._exports.items() if e.owner == holder and not e.persistent)
+            return pages, exports
+
     def num_held(self, holder: str) -> int:
         with self._lock:
             return len(self._held.get(holder, ()))
