@@ -10,8 +10,9 @@ import pytest
 
 from cluster.actors.directory_records import EndExport, MovePlan
 from cluster.actors.kv_directory import KvDirectory
-from cluster.errors import (DirectoryInvariantBroken, ExportNotMovable, InferletNotMovable, InvalidDirectoryRequest,
-                            UnknownExport, UnknownMove, UnknownOwner, UnknownWorker, WorkerDead)
+from cluster.errors import (DirectoryInvariantBroken, ExportNotMovable, InferletError, InferletNotMovable,
+                            InvalidDirectoryRequest, UnknownExport, UnknownMove, UnknownOwner, UnknownWorker,
+                            WorkerDead)
 from cluster.worker.prefix_hashes import tokens_from_sdk_meta
 from helpers import wait_until
 from workers.step_types import ForwardRequest, Sampler
@@ -497,4 +498,34 @@ def test_the_moves_benchmark_moves_a_generating_inferlet_and_checks_its_text(clu
     moves.print_table(results)
     assert "moved / unmoved total" in capsys.readouterr().out
     assert [local_host.connection(w).list_exports() for w in ("worker-0", "worker-1")] == [[], []]
+    settled(cluster)
+
+
+def test_an_inferlet_moved_off_a_worker_survives_losing_it(cluster, local_host):
+    """The point of draining: once moved, the inferlet no longer needs its first worker (it still runs on
+    that worker's scheduler in its host). One left there fails, naming the lost worker. Runs last: it
+    restarts worker-0."""
+    import ray
+
+    long = ["--prompt", "Tell me a long story about a lighthouse keeper.", "--max-tokens", "160", "--ignore-eos"]
+    reference = local_host.run(TEXT, long, worker_id="worker-1")
+    assert reference.ok, reference.error
+    moving = launch_until(local_host, TEXT, long, "worker-0", 4)
+    staying = launch_until(local_host, TEXT, long, "worker-0", 1)
+    assert local_host.move_inferlet(moving.instance_id, "worker-1").dst_worker == "worker-1"
+    target = cluster.directory.target("worker-0")
+    ray.kill(cluster.workers[0], no_restart=False)  # Ray restarts it
+    failed = staying.wait(60)  # its next pass failed with the connection
+    assert not failed.ok and "worker-0" in failed.error, failed.error
+    assert not moving.done, "it ended before the old worker's host was retired: the case was not run"
+    try:
+        local_host.host_for("worker-0")  # as the next launch there does: the old host is retired
+    except InferletError:
+        pass  # WorkerDead until the new worker-0 joins
+    survived = moving.wait(120)
+    assert survived.ok, survived.error
+    assert "".join(survived.messages) == "".join(reference.messages)
+    wait_until(lambda: all(w.live for w in cluster.directory.workers()) and cluster.directory.target("worker-0")
+               != target, 180, "worker-0 to restart and rejoin")
+    assert local_host.run(TEXT, ["--max-tokens", "4"], worker_id="worker-0").ok  # a new host for the new worker
     settled(cluster)

@@ -65,7 +65,9 @@ class ClusterHost:
         self._hosts: dict[str, InferletHost] = {}  # worker id -> the host of the inferlets placed there
         self._tokenizer: Tokenizer | None = None
         self._ids = itertools.count(1)
-        self._placed: dict[str, str] = {}  # running inferlet -> the worker it was placed on (its scheduler's)
+        self._placed: dict[str, InferletHost] = {}  # running inferlet -> the host it runs on (its scheduler)
+        self._running: dict[str, RunningInferlet] = {}
+        self._retired: list[InferletHost] = []  # hosts of a lost connection, while inferlets moved off run on
 
     # -- launching -------------------------------------------------------------------------------
     def component(self, program: str | Path | wc.Component) -> wc.Component:
@@ -93,9 +95,13 @@ class ClusterHost:
         try:
             host = self.host_for(owner.worker_id)
             with self._lock:
-                self._placed[instance_id] = owner.worker_id
-            return host.launch(component, arguments, limits, on_message, ended, instance_id=instance_id,
-                               cache_scope=cache_scope, keep_messages=keep_messages)
+                self._placed[instance_id] = host
+            running = host.launch(component, arguments, limits, on_message, ended, instance_id=instance_id,
+                                  cache_scope=cache_scope, keep_messages=keep_messages)
+            with self._lock:
+                if instance_id in self._placed:  # not ended already
+                    self._running[instance_id] = running
+            return running
         except BaseException:
             self._forget(instance_id)
             raise
@@ -104,6 +110,7 @@ class ClusterHost:
         """The inferlet ended: the directory drops it (and what it owned there)."""
         with self._lock:
             self._placed.pop(instance_id, None)
+            self._running.pop(instance_id, None)
         try:
             self.directory.owner_ended(instance_id)
         except Exception as e:  # already dropped (its worker died, or its launch failed): nothing to record
@@ -127,8 +134,9 @@ class ClusterHost:
             host = self._hosts.get(worker_id)
             if host is not None and not host.worker.remote.broken:
                 return host
-        if host is not None:
-            host.close()  # its inferlets already failed with the lost connection
+            broken = self._hosts.pop(worker_id, None)  # one caller retires it
+        if broken is not None:
+            self._retire(broken)
         worker = ClusterWorker(worker_id, self.connection(worker_id), self.directory, self.connection,
                                self.limits.max_pages)
         fresh = InferletHost(limits=self.limits, http_policy=self._http_policy, sandbox=self.sandbox, worker=worker,
@@ -136,6 +144,24 @@ class ClusterHost:
         with self._lock:
             self._hosts[worker_id] = fresh
         return fresh
+
+    def _retire(self, host: InferletHost) -> None:
+        """A host whose worker connection broke: its inferlets on that worker end (those a call of which
+        failed already have); one moved to another worker runs on (on this host's scheduler). Closed,
+        like those retired before, once nothing runs there."""
+        lost = host.worker.worker_id
+        with self._lock:
+            stranded = [r for iid, r in self._running.items() if self._placed.get(iid) is host]
+            retired, self._retired = self._retired + [host], []
+        for running in stranded:
+            if host.worker.where(running.instance_id) == lost:
+                running.stop(f"its worker {lost} was lost: {host.worker.remote.broken}")
+        for old in retired:
+            if old.scheduler.num_running:
+                with self._lock:
+                    self._retired.append(old)
+            else:
+                old.close()
 
     def connection(self, worker_id: str) -> RemoteWorker:
         """This host's one connection to a worker (dialled anew after it broke)."""
@@ -178,8 +204,7 @@ class ClusterHost:
         cluster/actors/inferlet_move.py). Raises the refusal (InferletNotMovable, UnknownWorker, ...) or
         what failed; it then runs on where it was."""
         with self._lock:
-            placed = self._placed.get(instance_id)
-            host = self._hosts.get(placed) if placed else None
+            host = self._placed.get(instance_id)
         if host is None:
             raise UnknownOwner(f"no running inferlet {instance_id!r} on host {self.host_id}; it ended, or "
                                f"runs on another host")
@@ -188,8 +213,7 @@ class ClusterHost:
     def where(self, instance_id: str) -> str:
         """The worker a running inferlet of this host has its pages on now."""
         with self._lock:
-            placed = self._placed.get(instance_id)
-            host = self._hosts.get(placed) if placed else None
+            host = self._placed.get(instance_id)
         if host is None:
             raise UnknownOwner(f"no running inferlet {instance_id!r} on host {self.host_id}")
         return host.worker.where(instance_id)
@@ -217,7 +241,8 @@ class ClusterHost:
     # -- ending ----------------------------------------------------------------------------------
     def close(self) -> None:
         with self._lock:
-            hosts, self._hosts = list(self._hosts.values()), {}
+            hosts, self._hosts = list(self._hosts.values()) + self._retired, {}
+            self._retired = []
             connections, self._connections = list(self._connections.values()), {}
         for host in hosts:
             host.close()
