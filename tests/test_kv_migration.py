@@ -490,11 +490,13 @@ def test_drain_moves_the_hosts_running_inferlets_off_the_worker_too(cluster, loc
 def test_the_moves_benchmark_moves_a_generating_inferlet_and_checks_its_text(cluster, local_host, capsys):
     from cluster.bench import moves
 
-    results = moves.measure(local_host, tokens=24, moves=2, prompt_words=60)
+    # 3 moves with pages allocated between them: the third map must not reuse an id the first one made up
+    results = moves.measure(local_host, tokens=72, moves=3, prompt_words=60)
     made = results["moved"]["moves"]
-    assert len(made) == 2 and all(m["pages"] >= 2 and m["ms"] > 0 for m in made)
+    assert len(made) == 3 and all(m["pages"] >= 2 and m["ms"] > 0 for m in made)
+    assert made[0]["pages"] < made[2]["pages"]  # it allocated pages between the moves
     assert results["moved"]["text"] == results["unmoved"]["text"]  # measure() raises otherwise; not vacuous
-    assert results["moved"]["messages"] == results["unmoved"]["messages"] >= 20
+    assert results["moved"]["messages"] == results["unmoved"]["messages"] >= 50
     moves.print_table(results)
     assert "moved / unmoved total" in capsys.readouterr().out
     assert [local_host.connection(w).list_exports() for w in ("worker-0", "worker-1")] == [[], []]

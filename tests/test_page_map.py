@@ -62,3 +62,13 @@ def test_carried_gives_the_next_move_what_the_inferlet_knows(m):
     assert m.carried(10, 1, True) == (3, 1, True)
     assert m.carried(11, 1, True) == (5, 2, False)  # the worker's one reference, plus the map's extra one
     assert m.carried(30, 2, False) == (30, 2, False)  # a page imported after the move: the worker's own count
+
+
+def test_fresh_ids_skip_the_ids_a_moved_inferlet_already_uses():
+    """A second move carries a page named by the first map's fresh id: the new map must not hand that id
+    out again (found by python -m cluster.bench.moves: two pages under one id after three moves)."""
+    pages = PageMap()
+    pages.bind_copy(0, 7, references=1, writable=True)
+    pages.bind_copy(FRESH_IDS_FROM, 8, references=1, writable=True)  # carried from the previous map
+    assert pages.virtual([0]) == [FRESH_IDS_FROM + 1]  # physical 0: id 0 is taken, and so is the first fresh one
+    assert pages.physical([0, FRESH_IDS_FROM, FRESH_IDS_FROM + 1]) == [7, 8, 0]

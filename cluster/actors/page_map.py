@@ -59,7 +59,9 @@ class PageMap:
             p = int(p)
             v = self._virtual.get(p)
             if v is None:
-                v = p if p not in self._physical else next(self._fresh)
+                v = p
+                while v in self._physical:  # a copy's id (from an earlier map's fresh ids too)
+                    v = next(self._fresh)
                 self._bind(v, p)
             out.append(v)
         return out
