@@ -12,8 +12,8 @@ sends its calls elsewhere from then on:
    allocated for it on the new one, in chunks (page_copy.copy_pages, as an import's copy).
 4. The directory re-points the inferlet (KvDirectory.move_owner) — refused while it has non-persistent
    exports (shared from where they are) or an import's copy in flight.
-5. Its route is set: the new worker and a PageMap from the ids it knows to the new pages (a copied
-   page keeps its id, read-only stays read-only). The old worker releases everything it held there.
+5. The old worker releases everything it held there, and its route is set: the new worker and a PageMap
+   from the ids it knows to the new pages (a copied page keeps its id, read-only stays read-only).
 6. The gate opens: the queued calls go to the new worker, translated.
 
 A failure before step 5 gives back the copy and leaves the inferlet where it was; it never notices
@@ -212,12 +212,12 @@ def move_inferlet(worker: ClusterWorker, holder: str, to_worker: str,
                 virtual = physical
             pages.bind_copy(virtual, copy, references, writable)
         new_route = Route(dest, to_worker, pages)
+        try:  # before the gate opens: a next move of it back to that worker must not lose its new pages
+            source.release(holder)
+        except Exception as e:  # the old worker is gone, and what the inferlet held there with it
+            log.warning("%s: worker %s could not release its old pages: %r", holder, src_id, e)
     finally:
         worker.routes.open(holder, gate, new_route)
-    try:
-        source.release(holder)
-    except Exception as e:  # the old worker is gone, and what the inferlet held there with it
-        log.warning("%s: worker %s could not release its old pages: %r", holder, src_id, e)
     seconds = time.perf_counter() - started
     log.info("moved inferlet %s (%d pages) from worker %s to worker %s in %.0f ms", holder, len(held), src_id,
              to_worker, seconds * 1e3)
