@@ -565,6 +565,26 @@ def _host_of(instance_id: str) -> str:
     return instance_id.removeprefix("inferlet-").rsplit("-", 1)[0]
 
 
+def test_draining_a_worker_moves_every_hosts_running_inferlets_off_it(cluster, client, programs):
+    """Cluster.drain_worker: the inferlets running on worker-0, on either host actor, move to worker-1
+    between their steps and run to their end; worker-0 has every page back at once."""
+    streams = [client.launch(programs[TEXT], ["--prompt", f"Tell me a long story, number {i}.", "--max-tokens",
+                                              "48", "--ignore-eos"]) for i in range(4)]
+    running = [_first_message(s) for s in streams]
+    on_worker_0 = {iid for iid, _ in running if cluster.directory.owner(iid).worker_id == "worker-0"}
+    assert on_worker_0 and len({_host_of(iid) for iid, _ in running}) == 2, "the launches did not spread"
+    drained = cluster.drain_worker("worker-0")
+    moved = {m.instance_id: m for m in drained.inferlets}
+    assert set(moved) == on_worker_0, drained
+    assert all((m.src_worker, m.dst_worker) == ("worker-0", "worker-1") for m in moved.values())
+    assert ray.get(cluster.workers[0].free_pages.remote()) == NUM_PAGES
+    assert {cluster.directory.owner(iid).worker_id for iid in on_worker_0} == {"worker-1"}
+    for iid, events in running:
+        rest = list(events)
+        assert isinstance(rest[-1], Finished), (iid, rest[-1])
+    settled(cluster)
+
+
 def test_a_killed_worker_fails_its_inferlets_others_finish_and_it_rejoins(cluster, client, programs, local_host):
     doomed = _long(client, programs)  # least loaded: one on each worker
     other = client.launch(programs[TEXT], ["--prompt", "Count to twenty.", "--max-tokens", "48", "--ignore-eos"])

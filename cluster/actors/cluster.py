@@ -15,6 +15,7 @@ cluster). `pie serve --ray` and deploy/app.py both start the cluster through her
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -141,6 +142,17 @@ class Cluster:
                                  wait_for_host=self._wait_for_host if elastic else None)
         service.cluster = self  # Ray ends actors whose handles are all gone (named or not): the gateway keeps them
         return service
+
+    def drain_worker(self, worker_id: str):
+        """Empty `worker_id` before it is removed: every host's running inferlets move off it (between
+        their steps), then its exports (kv_migration.Drained: what moved, and what stayed with why)."""
+        import ray
+
+        named = [ray.get_actor(h.actor_name, namespace=NAMESPACE) for h in self.directory.hosts() if h.actor_name]
+        hosts = named or self.hosts
+        moved = ray.get([h.move_inferlets_off.remote(worker_id) for h in hosts])
+        drained = ray.get(hosts[0].drain_worker.remote(worker_id))  # its inferlets are off already: the exports
+        return dataclasses.replace(drained, inferlets=tuple(m for per_host in moved for m in per_host) + drained.inferlets)
 
     def _wait_for_host(self) -> bool:
         """The gateway's wait when every host is full: the pool's grow (True once there is a place)."""

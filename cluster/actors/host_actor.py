@@ -117,6 +117,10 @@ class HostActor:
         """Move a running inferlet of this host to another worker, between its steps (ClusterHost.move_inferlet)."""
         return self.host.move_inferlet(instance_id, to_worker)
 
+    def move_inferlets_off(self, worker_id: str):
+        """This host's running inferlets off `worker_id` (ClusterHost.move_inferlets_off)."""
+        return self.host.move_inferlets_off(worker_id)
+
     def drain_worker(self, worker_id: str):
         """This host's running inferlets, then every export, off `worker_id` (ClusterHost.drain_worker)."""
         return self.host.drain_worker(worker_id)
