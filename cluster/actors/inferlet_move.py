@@ -6,7 +6,9 @@ sends its calls elsewhere from then on:
 
 1. The gate closes: the inferlet's next calls wait. A forward pass or an import is queued (its
    Pending completes later: the host's other inferlets keep running); a page call (allocate, free,
-   copy, mask, export, the prefix cache) waits on the calling thread, at most as long as the copy.
+   copy, mask, export, the prefix cache) waits on the calling thread, at most as long as the copy:
+   that is the host's scheduler, so its other inferlets wait too (page calls return values at once
+   to the guest, so they cannot be queued like a pass).
 2. The calls it already made finish: its passes in flight end their step on the old worker.
 3. Its pages are copied ([page, references, writable] from `holding` on the old worker) into pages
    allocated for it on the new one, in chunks (page_copy.copy_pages, as an import's copy).
