@@ -22,6 +22,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 from cluster.actors.cluster import init_local_ray  # noqa: E402
 from cluster.api.grpc_client import Finished, Message, PieClient, RequestFailed, Started  # noqa: E402
 from cluster.runtime.inferlet_build import build  # noqa: E402
+from cluster.runtime.sandbox import Limits  # noqa: E402
 from deploy.app import APP_NAME, SERVICER, AppArgs, app_builder, application  # noqa: E402
 from helpers import recording_uploads, wait_until  # noqa: E402
 
@@ -269,8 +270,13 @@ def test_every_replica_killed_mid_stream_the_inferlets_run_on_and_their_clients_
     """Two inferlets launched through the proxy; every replica that was serving is killed while their
     streams run. The streams break; Serve starts new replicas, which never saw the launches: they
     list both, terminate one, and the other's client re-attaches and gets every event after the last
-    it had, once, then the end. Nothing is left behind."""
-    long = ["--prompt", "Write a long story about a dragon.", "--max-tokens", "48", "--ignore-eos"]
+    it had, once, then the end. Nothing is left behind.
+
+    More tokens than the outbox holds (max_outbox_messages, 256): with no reader, each inferlet's send
+    waits at that bound, so both still run whenever the new replicas come up (a 48-token run could end
+    first: a CI run saw Serve take longer than that, and List then had neither)."""
+    tokens = Limits().max_outbox_messages + 64
+    long = ["--prompt", "Write a long story about a dragon.", "--max-tokens", str(tokens), "--ignore-eos"]
     streams = [client.launch(program, long) for _ in range(2)]
     events = [s.events_pb() for s in streams]
     seen = [[next(e) for _ in range(3)] for e in events]  # started and two messages each
@@ -292,7 +298,8 @@ def test_every_replica_killed_mid_stream_the_inferlets_run_on_and_their_clients_
     had = keep.last_seq  # the last event the broken stream gave
     rest = list(client.resume(keep).events_pb())
     assert [e.seq for e in rest] == list(range(had + 1, had + 1 + len(rest))), "events lost or repeated"
-    assert rest[-1].WhichOneof("kind") == "finished" and rest[-1].seq == 48 + 1, rest[-1]
+    # it sent more than the outbox held while nobody read: it waited for the new reader, then ran to its end
+    assert rest[-1].WhichOneof("kind") == "finished" and rest[-1].seq > Limits().max_outbox_messages, rest[-1]
     stopped = list(client.resume(stop).events_pb())
     assert stopped[-1].WhichOneof("kind") == "failed" and "terminated by its client" in stopped[-1].failed.error
     wait_until(lambda: client.health().running == 0, 30, "both inferlets to end")
