@@ -61,6 +61,43 @@ class Pending:
                 return
         fn(self)
 
+    def map(self, fn: Callable[[Any], Any]) -> "Pending":
+        """A Pending of fn(value) once this completes; fails with this one's error, or with what fn raised."""
+        out = Pending()
+
+        def done(p: Pending) -> None:
+            if p.error is not None:
+                out.fail(p.error)
+                return
+            try:
+                value = fn(p.value)
+            except Exception as e:
+                out.fail(e)
+                return
+            out.complete(value)
+
+        self.on_done(done)
+        return out
+
+    def then(self, fn: Callable[[Any], "Pending"]) -> "Pending":
+        """A Pending of what fn(value) gives once this completes (fn starts the next step and returns its
+        Pending); fails with this one's error, or with what fn raised."""
+        out = Pending()
+
+        def go(p: Pending) -> None:
+            if p.error is not None:
+                out.fail(p.error)
+                return
+            try:
+                inner = fn(p.value)
+            except Exception as e:
+                out.fail(e)
+                return
+            inner.on_done(lambda r: out.fail(r.error) if r.error is not None else out.complete(r.value))
+
+        self.on_done(go)
+        return out
+
     def wait(self, timeout: float | None = None) -> Any:
         """Block the calling thread until done (for host-side callers and tests); raise its error."""
         if not self._done:

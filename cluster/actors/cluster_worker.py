@@ -89,7 +89,7 @@ class ClusterWorker:
     def forward(self, holder: str, request: ForwardRequest) -> Pending:
         gate, route = self.routes.later(holder)
         if gate is not None:  # a move of this inferlet is in progress: the pass goes out after it
-            return _after(gate, lambda: self.forward(holder, request))
+            return gate.then(lambda _: self.forward(holder, request))
         try:
             if route is None:
                 result = self.remote.forward(holder, request)
@@ -171,14 +171,14 @@ class ClusterWorker:
         (pages, meta) once the copy is done and its lease has ended."""
         gate, route = self.routes.later(holder)
         if gate is not None:  # a move of this inferlet is in progress: the import is made after it
-            return _after(gate, lambda: self.import_later(holder, name))
+            return gate.then(lambda _: self.import_later(holder, name))
         try:
             done = self._import(holder, name, route.remote if route else self.remote)
         except BaseException:
             self.routes.leave(holder)
             raise
         if route is not None:
-            done = _mapped(done, lambda value: (route.virtual(value[0]), value[1]))
+            done = done.map(lambda value: (route.virtual(value[0]), value[1]))
         done.on_done(lambda _: self.routes.leave(holder))
         return done
 
@@ -223,34 +223,3 @@ class ClusterWorker:
         finally:
             source.release(lease)
 
-
-def _after(gate: Pending, call) -> Pending:
-    """call()'s Pending, made once `gate` is done."""
-    out = Pending()
-
-    def go(_) -> None:
-        try:
-            inner = call()
-        except BaseException as e:
-            out.fail(e)
-            return
-        inner.on_done(lambda r: out.fail(r.error) if r.error is not None else out.complete(r.value))
-
-    gate.on_done(go)
-    return out
-
-
-def _mapped(pending: Pending, fn) -> Pending:
-    out = Pending()
-
-    def done(r) -> None:
-        if r.error is not None:
-            out.fail(r.error)
-            return
-        try:
-            out.complete(fn(r.value))
-        except BaseException as e:
-            out.fail(e)
-
-    pending.on_done(done)
-    return out

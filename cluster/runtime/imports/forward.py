@@ -23,9 +23,7 @@ def imports(s: InferletSession) -> dict:
             raise Refused(f"more than {s.limits.max_outstanding_passes} passes outstanding; wait for some")
         request = to_request(s, p, info.page_size, info.vocab_size)
         result = worker.forward(s.instance_id, request)  # checks the pass and the caller's pages
-        converted = Pending()
-        result.on_done(lambda r: converted.fail(r.error) if r.error else
-                       converted.complete([_output(x) for x in r.value]))
+        converted = result.map(lambda outputs: [_output(x) for x in outputs])
         handle = s.new_handle()
         s.passes[handle] = PassInFlight(converted)
         return handle

@@ -13,10 +13,7 @@ def imports(s: InferletSession) -> dict:
 
     def request(method: str, url: str, headers, body: bytes, timeout_ms) -> Pending:
         result = client.request(method, url, [tuple(h) for h in headers], bytes(body), timeout_s=timeout_s(timeout_ms))
-        out = Pending()
-        result.on_done(lambda r: out.fail(r.error) if r.error else out.complete(
-            record(status=r.value.status, headers=list(r.value.headers), body=r.value.body)))
-        return out
+        return result.map(lambda r: record(status=r.status, headers=list(r.headers), body=r.body))
 
     def send(method: str, url: str, headers, body: bytes, timeout_ms) -> int:
         if len(in_flight) >= s.limits.max_outstanding_http:
