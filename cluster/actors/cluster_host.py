@@ -65,8 +65,7 @@ class ClusterHost:
         self._hosts: dict[str, InferletHost] = {}  # worker id -> the host of the inferlets placed there
         self._tokenizer: Tokenizer | None = None
         self._ids = itertools.count(1)
-        self._placed: dict[str, InferletHost] = {}  # running inferlet -> the host it runs on (its scheduler)
-        self._running: dict[str, RunningInferlet] = {}
+        self._running: dict[str, RunningInferlet] = {}  # by instance id (its `host`: the scheduler it runs on)
         self._retired: list[InferletHost] = []  # hosts of a lost connection, while inferlets moved off run on
 
     # -- launching -------------------------------------------------------------------------------
@@ -94,12 +93,10 @@ class ClusterHost:
 
         try:
             host = self.host_for(owner.worker_id)
-            with self._lock:
-                self._placed[instance_id] = host
             running = host.launch(component, arguments, limits, on_message, ended, instance_id=instance_id,
                                   cache_scope=cache_scope, keep_messages=keep_messages)
             with self._lock:
-                if instance_id in self._placed:  # not ended already
+                if not running.done:  # else its end (_forget) came first
                     self._running[instance_id] = running
             return running
         except BaseException:
@@ -109,7 +106,6 @@ class ClusterHost:
     def _forget(self, instance_id: str) -> None:
         """The inferlet ended: the directory drops it (and what it owned there)."""
         with self._lock:
-            self._placed.pop(instance_id, None)
             self._running.pop(instance_id, None)
         try:
             self.directory.owner_ended(instance_id)
@@ -151,7 +147,7 @@ class ClusterHost:
         like those retired before, once nothing runs there."""
         lost = host.worker.worker_id
         with self._lock:
-            stranded = [r for iid, r in self._running.items() if self._placed.get(iid) is host]
+            stranded = [r for r in self._running.values() if r.host is host]
             retired, self._retired = self._retired + [host], []
         for running in stranded:
             if host.worker.where(running.instance_id) == lost:
@@ -203,26 +199,25 @@ class ClusterHost:
         pages are copied there, and its passes and page calls go there from then on (see
         cluster/actors/inferlet_move.py). Raises the refusal (InferletNotMovable, UnknownWorker, ...) or
         what failed; it then runs on where it was."""
-        with self._lock:
-            host = self._placed.get(instance_id)
-        if host is None:
-            raise UnknownOwner(f"no running inferlet {instance_id!r} on host {self.host_id}; it ended, or "
-                               f"runs on another host")
-        return host.worker.move(instance_id, to_worker)
+        return self._host_of(instance_id).worker.move(instance_id, to_worker)
 
     def where(self, instance_id: str) -> str:
         """The worker a running inferlet of this host has its pages on now."""
+        return self._host_of(instance_id).worker.where(instance_id)
+
+    def _host_of(self, instance_id: str) -> InferletHost:
         with self._lock:
-            host = self._placed.get(instance_id)
-        if host is None:
-            raise UnknownOwner(f"no running inferlet {instance_id!r} on host {self.host_id}")
-        return host.worker.where(instance_id)
+            running = self._running.get(instance_id)
+        if running is None:
+            raise UnknownOwner(f"no running inferlet {instance_id!r} on host {self.host_id}; it ended, or "
+                               f"runs on another host")
+        return running.host
 
     def move_inferlets_off(self, worker_id: str) -> tuple[inferlet_move.MovedInferlet | kv_migration.NotMoved, ...]:
         """Move each of this host's running inferlets on `worker_id` to the live worker with the most free
         pages; an inferlet that cannot move (or ended meanwhile) is listed with why."""
         with self._lock:
-            candidates = list(self._placed)
+            candidates = list(self._running)
         results = []
         for instance_id in candidates:
             try:

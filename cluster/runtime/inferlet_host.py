@@ -68,6 +68,11 @@ class RunningInferlet:
     def done(self) -> bool:
         return self._finished.is_set()
 
+    @property
+    def host(self) -> "InferletHost":
+        """The host whose scheduler runs it."""
+        return self._host
+
     def send(self, message: str) -> None:
         """A message from the client; the inferlet reads it with receive(). Raises Refused when it
         is too large, the inbox is full, or the inferlet has ended."""
