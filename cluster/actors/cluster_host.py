@@ -218,17 +218,18 @@ class ClusterHost:
         pages; an inferlet that cannot move (or ended meanwhile) is listed with why."""
         with self._lock:
             candidates = list(self._running)
+        targets = kv_migration.DrainTargets(self.directory, worker_id)
         results = []
         for instance_id in candidates:
             try:
                 if self.where(instance_id) != worker_id:
                     continue
-                others = [w for w in self.directory.workers() if w.live and w.worker_id != worker_id]
-                if not others:
+                if not targets:
                     results.append(kv_migration.NotMoved(instance_id, f"no other live worker than {worker_id!r}"))
                     continue
-                target = max(others, key=lambda w: (w.free_pages, -w.running, w.worker_id)).worker_id
-                results.append(self.move_inferlet(instance_id, target))
+                moved = self.move_inferlet(instance_id, targets.pick())
+                targets.took(moved.dst_worker, moved.num_pages)
+                results.append(moved)
             except InferletError as e:
                 results.append(kv_migration.NotMoved(instance_id, str(e)))
         return tuple(results)

@@ -81,26 +81,43 @@ def move_export(directory, connect: Callable[[str], RemoteWorker], name: str, to
     return Moved(name, committed.plan.src_worker, to_worker, len(committed.plan.src_pages))
 
 
+class DrainTargets:
+    """The live workers other than `worker_id` that a drain moves things to: the one with the most free
+    pages first (counting what the drain already moved there), then the fewest running inferlets."""
+
+    def __init__(self, directory, worker_id: str):
+        self._others = {w.worker_id: w for w in directory.workers() if w.live and w.worker_id != worker_id}
+        self._free = {w_id: w.free_pages for w_id, w in self._others.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self._others)
+
+    def pick(self) -> str:
+        return max(self._free, key=lambda w_id: (self._free[w_id], -self._others[w_id].running, w_id))
+
+    def took(self, worker_id: str, pages: int) -> None:
+        self._free[worker_id] -= pages
+
+
 def drain_worker(directory, connect: Callable[[str], RemoteWorker], worker_id: str,
                  settle_s: float = SETTLE_S) -> Drained:
     """Move every export off `worker_id`, each to the live worker with the most free pages (counting
     what this drain already moved there). What cannot move stays, with the reason: a non-persistent
     export (its inferlet still runs there), no other live worker, or the move's own failure."""
     exports = directory.exports_on(worker_id)
-    others = {w.worker_id: w for w in directory.workers() if w.live and w.worker_id != worker_id}
-    free = {w_id: w.free_pages for w_id, w in others.items()}
+    targets = DrainTargets(directory, worker_id)
     committed, not_moved = [], []
     for info in exports:
-        if not others:
+        if not targets:
             not_moved.append(NotMoved(info.name, f"no other live worker to move it to than {worker_id!r}"))
             continue
-        target = max(free, key=lambda w_id: (free[w_id], -others[w_id].running, w_id))
+        target = targets.pick()
         try:
             committed.append(_copy_and_commit(directory, connect, info.name, target))
         except InferletError as e:  # the directory's refusal, a worker's, or a lost worker
             not_moved.append(NotMoved(info.name, str(e)))
             continue
-        free[target] -= len(info.pages)
+        targets.took(target, len(info.pages))
     _release_sources(directory, connect, committed, settle_s)  # one settle for the whole drain
     moved = tuple(Moved(c.plan.name, worker_id, c.plan.dst_worker, len(c.plan.src_pages)) for c in committed)
     return Drained(worker_id, moved, tuple(not_moved))
