@@ -5,12 +5,12 @@ that saturates one replica, in one run.
                                   [--rounds 3] [--repeats 2] [--pools fixed,elastic] [--json OUT] [--png OUT]
 
 Each pool is a cluster of its own on a local Ray (1 worker, bf16; the counting directory of
-cluster/bench/capacity.py): `fixed` has 1 host actor; `elastic` starts with 1 and may grow to 2
+cluster/bench/cluster_harness.py): `fixed` has 1 host actor; `elastic` starts with 1 and may grow to 2
 (ClusterSpec(max_hosts=2): cluster/actors/host_pool.py). Every host takes at most --max-running
 inferlets, so the relay load (--relay-clients at once, above the pool's grow_at of 75%) makes the
 elastic pool add its second host; the run waits for it before measuring.
 
-The gateways are GatewayService servers in processes of their own (capacity.GatewayProcess), two per
+The gateways are GatewayService servers in processes of their own (cluster_harness.GatewayProcess), two per
 cluster: the "1 gateway" rows send every client to the first, the "2 gateways" rows split the clients
 between both. Serve with num_replicas would add its proxy actor (one more process and hop that every
 row pays, and on a small machine its CPU), and the question here is what a replica itself relays.
@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 from cluster.api.grpc_client import Failed, Message, PieClient, Started
-from cluster.bench.capacity import SEND_MESSAGES, CpuMeter, GatewayProcess, MESSAGE_BYTES, start
+from cluster.bench.capacity import SEND_MESSAGES, MESSAGE_BYTES
+from cluster.bench.cluster_harness import CpuMeter, GatewayProcess, start
 from cluster.runtime.inferlet_build import build
 
 ROOT = Path(__file__).resolve().parents[2]
